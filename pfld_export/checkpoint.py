@@ -1,0 +1,289 @@
+"""Load any PFLD checkpoint safely; save ours atomically.
+
+Accepted: our own format (state dict + metadata), PFLD-pytorch dicts (`pfld_backbone`, or the
+older typo `plfd_backbone`, optional `auxiliarynet` / `epoch`), and a bare backbone state dict.
+Width, point count and conv2 kind are inferred from tensor shapes. Loading is always
+`torch.load(weights_only=True)`: a checkpoint never gets to run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import __version__
+from .errors import CheckpointError, PickledModuleError, ShapeMismatchError, UnsupportedArchitectureError
+from .io import atomic_path
+from .layouts import get_layout
+from .model import WIDTHS, AuxiliaryNet, LandmarkModel, ModelConfig, PFLD, scaled_channels
+from .preprocess import Preprocess
+
+FORMAT_NAME = "pfld-export"
+FORMAT_VERSION = 1
+_PFLD_KEYS = ("conv1.weight", "conv2.weight", "conv3_1.conv.0.weight", "conv6_1.conv.6.weight", "fc.weight")
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything besides weights: what the network is, how to feed it, where it came from."""
+
+    model: ModelConfig
+    preprocess: Preprocess
+    source_format: str = FORMAT_NAME  # pfld-export | pfld-pytorch | bare-state-dict
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "source_format": self.source_format,
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CheckpointMeta":
+        return cls(
+            model=ModelConfig(**d["model"]),
+            preprocess=Preprocess.from_dict(d["preprocess"]),
+            source_format=d.get("source_format", FORMAT_NAME),
+            provenance=dict(d.get("provenance", {})),
+            metrics=dict(d.get("metrics", {})),
+            training=dict(d.get("training", {})),
+        )
+
+
+@dataclass
+class LoadedModel:
+    """A ready network (eval mode), its auxiliary net if the file had one, and metadata.
+
+    `extra` holds whatever else our format carried (optimizer state, epoch) for `train --resume`.
+    """
+
+    model: PFLD
+    aux: AuxiliaryNet | None
+    meta: CheckpointMeta
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def inference_model(self) -> LandmarkModel:
+        """The export/inference wrapper: auxiliary branch dropped, landmarks only."""
+        return LandmarkModel(self.model).eval()
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        if m:
+            raise PickledModuleError(
+                f"{path} is a pickled object ({m.group(1)}) from another codebase; only state dicts are "
+                "accepted, because unpickling it would run that code. Re-save it where its code lives with "
+                "torch.save(model.state_dict(), 'weights.pth')"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(msg)}); is it truncated or another format?") from None
+    except Exception as e:  # torch raises many types for truncated/foreign files (struct.error, KeyError…)
+        if isinstance(e, FileNotFoundError) or not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_first_line(str(e))}); "
+            "is it truncated or another format?"
+        ) from None
+
+
+def _first_line(s: str) -> str:
+    return s.strip().splitlines()[0][:200] if s.strip() else "no detail"
+
+
+def _strip_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DataParallel checkpoints prefix every key with "module.".
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _describe_foreign(sd: Mapping[str, Any]) -> str:
+    keys = [k for k in sd if isinstance(sd[k], torch.Tensor)]
+    first = ", ".join(keys[:2])
+    if any(re.match(r"model\d*\.\d+\.", k) for k in keys):
+        depthwise = any(v.ndim == 4 and v.shape[1] == 1 for v in sd.values() if isinstance(v, torch.Tensor))
+        guess = "a MobileNet-style sequential backbone" if depthwise else "a sequential `model.N` backbone"
+    elif any(k.startswith(("layer1.", "layer4.")) for k in keys):
+        guess = "a ResNet backbone"
+    elif any(k.startswith("features.") for k in keys):
+        guess = "a torchvision-style `features` backbone"
+    else:
+        guess = "a non-PFLD network"
+    return f"keys look like {guess} ({first}, … {len(keys)} tensors), not PFLD"
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Width, point count and conv2 kind from tensor shapes; refuse anything that is not PFLD."""
+    missing = [k for k in _PFLD_KEYS if k not in sd]
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: {_describe_foreign(sd)}; expected PFLD-pytorch names ({', '.join(_PFLD_KEYS[:3])}, …)"
+        )
+    c1 = int(sd["conv1.weight"].shape[0])
+    widths = [w for w in WIDTHS if scaled_channels(64, w) == c1]
+    if not widths:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: conv1 has {c1} channels, which no width in {WIDTHS} gives (64 x width)"
+        )
+    fc = sd["fc.weight"]
+    if fc.shape[0] % 2:
+        raise UnsupportedArchitectureError(f"unsupported architecture: fc has {fc.shape[0]} outputs, not 2 x points")
+    conv2 = "depthwise" if sd["conv2.weight"].shape[1] == 1 and c1 > 1 else "full"
+    # bn8 is applied in older PFLD-pytorch forwards and skipped in current ones; a BN that ran in
+    # training has moved its running statistics away from the initial 0 / 1.
+    head_bn = False
+    if "bn8.running_mean" in sd and "bn8.running_var" in sd:
+        head_bn = bool(sd["bn8.running_mean"].abs().max() > 0 or (sd["bn8.running_var"] - 1).abs().max() > 0)
+    return ModelConfig(width=widths[0], points=int(fc.shape[0]) // 2, conv2=conv2, head_bn=head_bn)
+
+
+def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
+    own = module.state_dict()
+    for k, v in own.items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            raise ShapeMismatchError(
+                f"{path}: {what} key {k} has shape {tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model; "
+                "the checkpoint does not match the inferred configuration"
+            )
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ShapeMismatchError(f"{path}: {what} keys do not match PFLD ({detail}); is this a modified architecture?")
+    module.load_state_dict(sd, strict=False)
+
+
+def load_checkpoint(path: str | os.PathLike[str], preprocess: Preprocess | None = None) -> LoadedModel:
+    """Load a PFLD checkpoint of any supported layout; returns the model in eval mode.
+
+    `preprocess` overrides what the file says (foreign checkpoints carry none: PFLD-pytorch's
+    convention, BGR x/255, is assumed).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist; check the path")
+    if p.suffix.lower() in (".onnx", ".tflite"):
+        raise CheckpointError(f"{p} is a {p.suffix} model, not a PyTorch checkpoint; pass it where models are accepted (eval, predict, convert)")
+    obj = _torch_load(p)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+
+    extra: dict[str, Any] = {}
+    aux_sd: Mapping[str, torch.Tensor] | None
+    if obj.get("format") == FORMAT_NAME:
+        meta = CheckpointMeta.from_dict(obj["meta"])
+        sd, aux_sd = obj["state_dict"], obj.get("aux_state_dict")
+        extra = {k: v for k, v in obj.items() if k not in ("format", "format_version", "meta", "state_dict", "aux_state_dict")}
+        cfg = infer_config(sd)
+        if cfg != meta.model:
+            raise ShapeMismatchError(f"{p}: metadata says {meta.model} but the weights are {cfg}; the file is inconsistent")
+    else:
+        backbone_key = next((k for k in ("pfld_backbone", "plfd_backbone", "state_dict") if k in obj), None)
+        if backbone_key is not None:
+            sd, aux_sd, source = obj[backbone_key], obj.get("auxiliarynet"), "pfld-pytorch"
+            if "epoch" in obj:
+                extra["epoch"] = obj["epoch"]
+        elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd, aux_sd, source = obj, None, "bare-state-dict"
+        else:
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture: {p} is a dict with keys {list(obj)[:5]}, but none of "
+                "pfld_backbone / plfd_backbone / state_dict, nor a bare state dict"
+            )
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{p}: '{backbone_key}' holds a {type(sd).__name__}, not a state dict")
+        sd = _strip_prefix(sd)
+        cfg = infer_config(sd)
+        pre = Preprocess(layout=get_layout(cfg.points).name)
+        meta = CheckpointMeta(model=cfg, preprocess=pre, source_format=source, provenance={"file": p.name})
+
+    sd = _strip_prefix(sd)
+    model = PFLD(meta.model)
+    _load_into(model, sd, "backbone", p)
+    aux = None
+    if aux_sd:
+        aux = AuxiliaryNet(model.tap_channels)
+        _load_into(aux, _strip_prefix(aux_sd), "auxiliarynet", p)
+        aux.eval()
+    if preprocess is not None:
+        meta.preprocess = preprocess
+    return LoadedModel(model=model.eval(), aux=aux, meta=meta, path=p, extra=extra)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: PFLD,
+    meta: CheckpointMeta,
+    aux: AuxiliaryNet | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write our format atomically: state dicts, metadata, and `extra` (optimizer state, epoch…).
+
+    Everything stored is tensors and plain Python, so it loads back with weights_only=True.
+    """
+    meta.provenance.setdefault("tool_version", __version__)
+    meta.provenance.setdefault("saved_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    payload: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "meta": meta.to_dict(),
+        "state_dict": model.state_dict(),
+        "aux_state_dict": aux.state_dict() if aux is not None else None,
+    }
+    payload.update(extra or {})
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+@dataclass
+class ModelInfo:
+    """What `pfld-export info` shows."""
+
+    path: str
+    source_format: str
+    width: float
+    points: int
+    conv2: str
+    head_bn: bool
+    layout: str
+    parameters: int
+    macs: int
+    float32_bytes: int
+    int8_bytes: int
+    has_auxiliary: bool
+    preprocess: dict[str, Any]
+    epoch: int | None = None
+
+
+def model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """Inferred configuration and cost of the inference network (auxiliary branch excluded)."""
+    from .model import count_parameters, macs
+
+    loaded = load_checkpoint(path)
+    net = loaded.inference_model()
+    n = count_parameters(net)
+    epoch = loaded.extra.get("epoch", loaded.meta.training.get("epoch"))
+    return ModelInfo(
+        path=str(path), source_format=loaded.meta.source_format, width=loaded.meta.model.width,
+        points=loaded.meta.model.points, conv2=loaded.meta.model.conv2, head_bn=loaded.meta.model.head_bn, layout=loaded.meta.preprocess.layout,
+        parameters=n, macs=macs(net), float32_bytes=4 * n, int8_bytes=n, has_auxiliary=loaded.aux is not None,
+        preprocess=loaded.meta.preprocess.to_dict(), epoch=int(epoch) if epoch is not None else None,
+    )

@@ -1,0 +1,23 @@
+"""Shared test helpers. Tests that need ../shared/fixtures skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def fixture_path(*parts: str) -> Path:
+    """Path inside ../shared/fixtures, or skip the test (a user's fresh clone has no such folder)."""
+    p = FIXTURES.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real-data fixture {p} is absent (../shared/fixtures exists only on project machines)")
+    return p
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return fixture_path()

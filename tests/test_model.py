@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pfld_export.errors import UsageError
+from pfld_export.model import WIDTHS, LandmarkModel, ModelConfig, _make_divisible, build_model, count_parameters, macs
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("points", [98, 68, 17])
+def test_shapes_for_each_width_and_point_count(width: float, points: int) -> None:
+    pfld, aux = build_model(width, points)
+    pfld.eval()
+    aux.eval()
+    tap, lm = pfld(torch.rand(2, 3, 112, 112))
+    assert lm.shape == (2, 2 * points)
+    assert tap.shape == (2, _make_divisible(64 * width), 28, 28)
+    assert aux(tap).shape == (2, 3)
+
+
+def test_parameter_count_matches_pfld_pytorch() -> None:
+    pfld, _ = build_model(1.0, 98, "full")
+    # PFLD-pytorch's PFLDInference (98 points) has exactly this many parameters.
+    assert count_parameters(LandmarkModel(pfld)) == 1_264_804
+
+
+def test_depthwise_conv2_has_fewer_parameters() -> None:
+    full, _ = build_model(1.0, 98, "full")
+    dw, _ = build_model(1.0, 98, "depthwise")
+    assert count_parameters(full) - count_parameters(dw) == 64 * 64 * 9 - 64 * 9
+
+
+def test_width_shrinks_macs_monotonically() -> None:
+    values = [macs(LandmarkModel(build_model(w, 98)[0])) for w in WIDTHS]
+    assert values == sorted(values) and values[0] < values[-1] / 8
+
+
+def test_wrapper_returns_only_landmarks() -> None:
+    pfld, _ = build_model(0.25, 98)
+    out = LandmarkModel(pfld).eval()(torch.rand(1, 3, 112, 112))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 196)
+
+
+def test_mean_head_equals_avgpool_view() -> None:
+    # The export-friendly mean((2,3)) must compute exactly what AvgPool2d(14)+view did.
+    x = torch.rand(3, 16, 14, 14)
+    ref = torch.nn.AvgPool2d(14)(x).view(3, -1)
+    assert torch.allclose(x.mean((2, 3)), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"width": 0.3}, {"points": 0}, {"conv2": "grouped"}, {"input_size": 128}])
+def test_bad_config_is_refused(bad: dict) -> None:
+    with pytest.raises(UsageError):
+        ModelConfig(**bad)
