@@ -36,3 +36,10 @@ test-all: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out
+
+# --- targets added by later stages, one block each (keep them self-contained) ---
+# [demo]
+# [bench]
+# [bench-arm]
+# [arm-rig]
+# [check]
