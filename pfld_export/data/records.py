@@ -41,3 +41,41 @@ class LoadProblem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file (.jpg/.png/.ppm/.bmp, grey, 16-bit or with alpha) as uint8 BGR [H, W, 3].
+
+    Raises DataError naming the file when it is missing or not an image.
+    """
+    import cv2
+
+    from ..errors import DataError
+
+    p = Path(path)
+    try:
+        # imdecode(fromfile) rather than imread: same decoders, but also non-ASCII paths.
+        buf = np.fromfile(str(p), np.uint8)
+    except OSError as e:
+        raise DataError(f"cannot read image {p} ({e.strerror}); check the path and the annotation's image root") from None
+    # Annotations index the stored pixel grid (Matlab / PIL never apply EXIF rotation): ignore it.
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
+    if img is None:
+        raise DataError(f"{p} is not a readable image; replace the file or drop it from the annotations")
+    return img
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file's stored pixel grid, from its header when possible."""
+    try:
+        from PIL import Image  # matplotlib's dependency; reads only the header
+
+        with Image.open(path) as im:
+            w, h = im.size
+        return int(w), int(h)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - PIL rejects some files OpenCV reads; fall back to decoding
+        pass
+    img = read_image(path)
+    return int(img.shape[1]), int(img.shape[0])
