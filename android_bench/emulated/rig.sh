@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# The emulated-ARM rig: a REAL adb server talking to a REAL adbd whose shell is an arm64 Debian
+# userland run by qemu-user, all inside a network namespace that carries only loopback traffic.
+# `pfld-export bench-arm` runs against it unmodified (serial 127.0.0.1:$RIG_PORT).
+#
+#   rig.sh build   install adb/adbd/qemu (Debian; adbd from bookworm-backports), build or reuse the
+#                  cached arm64 rootfs with python3 + aarch64 ai-edge-litert
+#   rig.sh start   netns + adbd (chrooted into the rootfs) + adb server, device connected
+#   rig.sh stop    stop what `start` started (by pid), delete the netns
+#   rig.sh exec CMD...   run CMD inside the rig's netns (e.g. `pfld-export bench-arm ...`)
+#   rig.sh test    build, start, run android_bench/emulated/test_*.py inside the netns, stop
+#
+# Only when a download from a package registry fails (apt, debootstrap's Debian mirror, PyPI)
+# does it print `ARM RIG NOT BUILT: <reason>` and exit 0; anything else, including a failing
+# test, exits non-zero.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+PY="${PY:-$REPO/.venv/bin/python}"
+
+# The cache key names everything baked into the rootfs: change any of it and a new rootfs is built.
+LITERT_VERSION="${LITERT_VERSION:-$(sed -n 's/^ai-edge-litert==//p' "$REPO/requirements.lock")}"
+NUMPY_VERSION="${NUMPY_VERSION:-$(sed -n 's/^numpy==//p' "$REPO/requirements.lock")}"
+SUITE=bookworm
+ROOTFS_VERSION="v1-${SUITE}-py3-litert${LITERT_VERSION}-numpy${NUMPY_VERSION}"
+CACHE_DIR="${PFLD_RIG_CACHE:-/var/cache/pfld-export}"
+ROOTFS="$CACHE_DIR/arm64-rootfs-$ROOTFS_VERSION"
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+
+NETNS="${RIG_NETNS:-pfld-arm-rig}"
+# Outside 5555-5585: the adb server probes those as emulator consoles/ports.
+RIG_PORT="${RIG_PORT:-5612}"
+SERIAL="127.0.0.1:$RIG_PORT"
+RUN_DIR="${RIG_RUN_DIR:-/run/pfld-arm-rig}"
+# qemu 10 emulates a named core so XNNPACK picks the kernels an SD845-class phone would run
+# (ARMv8.2 + dot product; the A75 itself is not a qemu model, the A76 is the closest).
+QEMU_CPU_MODEL="${RIG_QEMU_CPU:-cortex-a76}"
+
+APT_OPTS=(-o Acquire::Retries=5 -o Acquire::http::Timeout=60 -o Acquire::https::Timeout=60 -o Dpkg::Use-Pty=0)
+EX_DOWNLOAD=75  # "temporary failure": a registry download failed; see not_built()
+
+log() { printf '[arm-rig +%ds] %s\n' "$SECONDS" "$*" >&2; }
+die() { printf '[arm-rig] error: %s\n' "$*" >&2; exit 1; }
+
+not_built() {
+  local banner="ARM RIG NOT BUILT: $*"
+  printf '\n%s\n%s\n%s\n\n' "$(printf '#%.0s' {1..78})" "$banner" "$(printf '#%.0s' {1..78})"
+  printf '%s\n' "$banner" >&2
+  exit 0
+}
+
+# retry N SECONDS CMD...: run CMD up to N times, each under a SECONDS timeout.
+retry() {
+  local n=$1 t=$2 i; shift 2
+  for ((i = 1; i <= n; i++)); do
+    if timeout "$t" "$@"; then return 0; fi
+    log "attempt $i/$n failed: $*"
+    sleep $((i * 5))
+  done
+  return 1
+}
+
+# Did a failed apt/debootstrap run fail to DOWNLOAD (mirror unreachable), rather than to install?
+download_failed() {
+  grep -qiE "Failed to fetch|Failed getting release|Couldn't download|Failed to download|Unable to fetch|Temporary failure resolving|Could not resolve|Connection refused|Connection timed out|Unable to connect|Network is unreachable|Hash Sum mismatch|404 +Not Found" "$1"
+}
+
+need_root() { [[ $(id -u) -eq 0 ]] || die "the rig needs root (apt, debootstrap, chroot, ip netns); run it as root"; }
+
+# ---------------------------------------------------------------------------------------- build
+install_host_packages() {
+  # Only adb/adbd/qemu come from backports; everything else from the default suite, so the rig
+  # never upgrades unrelated system packages.
+  local bpo=() main=()
+  command -v adb >/dev/null || bpo+=(adb)
+  [[ -x /usr/lib/android-sdk/platform-tools/adbd ]] || bpo+=(adbd)
+  local qv
+  qv=$(qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -1)
+  # qemu 7.2 (plain bookworm) segfaults in ai-edge-litert >= 2.2 and mis-computes int8 with -cpu max.
+  [[ -n "$qv" && "$qv" -ge 10 ]] || bpo+=(qemu-user-static)
+  command -v debootstrap >/dev/null || main+=(debootstrap)
+  command -v ip >/dev/null || main+=(iproute2)
+  command -v unshare >/dev/null || main+=(util-linux)
+  [[ ${#bpo[@]} -eq 0 && ${#main[@]} -eq 0 ]] && return 0
+
+  command -v apt-get >/dev/null || die "no apt-get: install ${bpo[*]} ${main[*]} (adbd and qemu-user-static >= 10 from Debian bookworm-backports) by hand"
+  local src=/etc/apt/sources.list.d/pfld-export-bookworm-backports.sources
+  if [[ ${#bpo[@]} -gt 0 ]] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    log "adding Debian bookworm-backports (adbd 34 and qemu 10 live there) as $src"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$MIRROR" >"$src"
+  fi
+  log "apt-get install: from bookworm-backports [${bpo[*]}], from the default suite [${main[*]}]"
+  local alog=/tmp/pfld-arm-rig-apt.log
+  : >"$alog"
+  # `apt-get update` exits 0 even when a source is unreachable; -o APT::Update::Error-Mode=any makes
+  # that an error so a dead mirror is reported as a download failure, not as a missing package.
+  retry 3 300 apt-get "${APT_OPTS[@]}" -o APT::Update::Error-Mode=any -q update >>"$alog" 2>&1 \
+    || { download_failed "$alog" && return $EX_DOWNLOAD; die "apt-get update failed (log: $alog)"; }
+  local inst=(env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends)
+  if [[ ${#bpo[@]} -gt 0 ]]; then
+    # adb 34 to match adbd 34; qemu 10 for ai-edge-litert 2.3.
+    retry 3 600 "${inst[@]}" -t bookworm-backports "${bpo[@]}" >>"$alog" 2>&1 \
+      || { download_failed "$alog" && return $EX_DOWNLOAD; die "apt-get install ${bpo[*]} failed (log: $alog)"; }
+  fi
+  if [[ ${#main[@]} -gt 0 ]]; then
+    retry 3 600 "${inst[@]}" "${main[@]}" >>"$alog" 2>&1 \
+      || { download_failed "$alog" && return $EX_DOWNLOAD; die "apt-get install ${main[*]} failed (log: $alog)"; }
+  fi
+}
+
+register_binfmt() {
+  local bm=/proc/sys/fs/binfmt_misc
+  [[ -e $bm/register ]] || mount -t binfmt_misc binfmt_misc "$bm" || die "cannot mount binfmt_misc; the kernel needs CONFIG_BINFMT_MISC"
+  if [[ -e $bm/qemu-aarch64 ]] && grep -q enabled "$bm/qemu-aarch64"; then
+    # Reuse only a registration that loads the interpreter up front ("F"): it must work inside a chroot.
+    grep -q '^flags:.*F' "$bm/qemu-aarch64" && return 0
+    echo -1 >"$bm/qemu-aarch64"
+  fi
+  local conf=/usr/lib/binfmt.d/qemu-aarch64.conf
+  if [[ -f $conf ]]; then
+    grep -v '^#' "$conf" | head -1 >"$bm/register"
+  else
+    # Same magic/mask as Debian's qemu-user-binfmt, interpreter loaded up front (F).
+    printf '%s' ':qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' >"$bm/register"
+  fi
+  log "registered qemu-aarch64 with binfmt_misc"
+}
+
+build_rootfs() {
+  if [[ -f "$ROOTFS/.pfld-rig-complete" ]]; then
+    log "rootfs cached: $ROOTFS"
+    return 0
+  fi
+  mkdir -p "$CACHE_DIR"
+  local tmp="$ROOTFS.tmp"
+  rm -rf "$tmp"
+  log "debootstrap arm64 $SUITE (first stage) -> $tmp"
+  local ok=0 i
+  for i in 1 2 3; do
+    if timeout 900 debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 \
+        "$SUITE" "$tmp" "$MIRROR" >"$CACHE_DIR/debootstrap.log" 2>&1; then ok=1; break; fi
+    log "debootstrap attempt $i/3 failed (tail of $CACHE_DIR/debootstrap.log):"; tail -3 "$CACHE_DIR/debootstrap.log" >&2 || true
+    rm -rf "$tmp"; sleep $((i * 10))
+  done
+  if [[ $ok -ne 1 ]]; then
+    download_failed "$CACHE_DIR/debootstrap.log" && return $EX_DOWNLOAD
+    die "debootstrap failed, and not for a download (log: $CACHE_DIR/debootstrap.log)"
+  fi
+  log "debootstrap second stage under qemu-aarch64 (several minutes)"
+  timeout 1500 chroot "$tmp" /debootstrap/debootstrap --second-stage >>"$CACHE_DIR/debootstrap.log" 2>&1 \
+    || { tail -20 "$CACHE_DIR/debootstrap.log" >&2; die "debootstrap --second-stage failed (log: $CACHE_DIR/debootstrap.log)"; }
+
+  # The aarch64 wheels are resolved and unpacked by the HOST's pip (no pip, no network, no CA
+  # certificates needed inside the rootfs); versions pinned to the host's lock so both sides run
+  # the same XNNPACK release.
+  log "installing aarch64 ai-edge-litert==$LITERT_VERSION numpy==$NUMPY_VERSION into the rootfs"
+  retry 3 900 "$PY" -m pip install -q --disable-pip-version-check --no-compile --retries 5 --timeout 60 \
+      --target "$tmp/opt/pfld-litert" --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 \
+      --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_27_aarch64 \
+      --platform manylinux_2_28_aarch64 -c "$REPO/requirements.lock" \
+      "ai-edge-litert==$LITERT_VERSION" "numpy==$NUMPY_VERSION" || return $EX_DOWNLOAD
+
+  mkdir -p "$tmp/data/local/tmp" "$tmp/etc"
+  chmod 1777 "$tmp/data/local/tmp"
+  # Marker the device probe reads: results from this "device" are labelled emulated.
+  printf 'pfld-export emulated arm64 rig %s (qemu-user %s)\n' "$ROOTFS_VERSION" "$QEMU_CPU_MODEL" >"$tmp/etc/pfld-export-emulated"
+  rm -rf "$tmp/var/cache/apt/archives/"*.deb
+  touch "$tmp/.pfld-rig-complete"
+  rm -rf "$ROOTFS"
+  mv "$tmp" "$ROOTFS"
+  log "rootfs ready: $ROOTFS ($(du -sh "$ROOTFS" | cut -f1))"
+}
+
+# adbd is an x86-64 program; inside the arm64 chroot it runs through its own copy of the host's
+# loader and libraries, so that its /bin/sh (and everything `adb shell` starts) is arm64.
+install_adbd_into_rootfs() {
+  local adbd=/usr/lib/android-sdk/platform-tools/adbd dst="$ROOTFS/opt/pfld-adbd"
+  rm -rf "$dst"; mkdir -p "$dst/lib"
+  cp -L "$adbd" "$dst/adbd"
+  local lib
+  for lib in $(ldd "$adbd" | awk '/=> \// {print $3}'); do cp -L "$lib" "$dst/lib/"; done
+  cp -L "$(ldd "$adbd" | awk '/ld-linux/ {print $1}')" "$dst/ld.so"
+}
+
+cmd_build() {
+  need_root
+  local t0=$SECONDS rc=0
+  install_host_packages || rc=$?
+  [[ $rc -eq $EX_DOWNLOAD ]] && not_built "apt could not download adb/adbd/qemu-user-static/debootstrap (Debian mirror or bookworm-backports unreachable)"
+  [[ $rc -eq 0 ]] || die "installing host packages failed"
+  register_binfmt
+  build_rootfs || rc=$?
+  [[ $rc -eq $EX_DOWNLOAD ]] && not_built "downloading the arm64 rootfs (debootstrap from $MIRROR) or the aarch64 ai-edge-litert wheel from PyPI failed"
+  [[ $rc -eq 0 ]] || die "building the arm64 rootfs failed"
+  install_adbd_into_rootfs
+  # Sanity: the rootfs really is arm64 and its python really loads LiteRT.
+  local arch
+  arch=$(chroot "$ROOTFS" /usr/bin/uname -m)
+  [[ $arch == aarch64 ]] || die "rootfs reports machine '$arch', expected aarch64 (binfmt/qemu problem)"
+  log "build done in $((SECONDS - t0)) s (qemu $(qemu-aarch64-static --version | head -1 | awk '{print $3}'), rootfs $ROOTFS)"
+}
+
+# ---------------------------------------------------------------------------------- start/stop
+in_ns() { ip netns exec "$NETNS" "$@"; }
+
+cmd_start() {
+  need_root
+  [[ -f "$ROOTFS/.pfld-rig-complete" && -x "$ROOTFS/opt/pfld-adbd/adbd" ]] || die "rig not built; run: $0 build"
+  register_binfmt
+  if [[ -f "$RUN_DIR/adbd.pid" ]] && kill -0 "$(cat "$RUN_DIR/adbd.pid")" 2>/dev/null; then
+    log "already running (adbd pid $(cat "$RUN_DIR/adbd.pid")); serial $SERIAL in netns $NETNS"
+    return 0
+  fi
+  mkdir -p "$RUN_DIR"
+  ip netns list | grep -qw "$NETNS" || ip netns add "$NETNS"
+  in_ns ip link set lo up
+  # A private mount namespace: the bind mounts vanish with adbd, nothing leaks onto the host.
+  in_ns unshare --mount --propagation private env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+      ADBD_PORT="$RIG_PORT" QEMU_CPU="$QEMU_CPU_MODEL" ROOTFS="$ROOTFS" bash -c '
+    set -e
+    mount -t proc proc "$ROOTFS/proc"
+    mount --rbind /dev "$ROOTFS/dev"
+    mount --rbind /sys "$ROOTFS/sys"
+    mount -t tmpfs tmpfs "$ROOTFS/tmp"
+    exec chroot "$ROOTFS" /opt/pfld-adbd/ld.so --library-path /opt/pfld-adbd/lib /opt/pfld-adbd/adbd
+  ' >"$RUN_DIR/adbd.log" 2>&1 &
+  echo $! >"$RUN_DIR/adbd.pid"
+  local i
+  for i in $(seq 1 50); do
+    grep -q "adbd listening on tcp:$RIG_PORT" "$RUN_DIR/adbd.log" 2>/dev/null && break
+    kill -0 "$(cat "$RUN_DIR/adbd.pid")" 2>/dev/null || { cat "$RUN_DIR/adbd.log" >&2; die "adbd exited at start"; }
+    sleep 0.2
+  done
+  for i in 1 2 3 4 5; do
+    in_ns timeout 20 adb connect "$SERIAL" | grep -q "connected to" && break
+    sleep 1
+  done
+  in_ns timeout 30 adb -s "$SERIAL" wait-for-device || die "adb does not see $SERIAL (log: $RUN_DIR/adbd.log)"
+  log "running: serial $SERIAL in netns $NETNS; e.g. $0 exec pfld-export bench-arm MODEL.tflite --serial $SERIAL --benchmark-model $HERE/benchmark_model"
+}
+
+cmd_stop() {
+  if ip netns list 2>/dev/null | grep -qw "$NETNS"; then
+    in_ns timeout 10 adb kill-server >/dev/null 2>&1 || true
+  fi
+  if [[ -f "$RUN_DIR/adbd.pid" ]]; then
+    local pid; pid=$(cat "$RUN_DIR/adbd.pid")
+    # The pid is our bash -> exec chroot -> exec ld.so adbd chain: one process, started by us.
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 25); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$RUN_DIR/adbd.pid"
+  fi
+  ip netns list 2>/dev/null | grep -qw "$NETNS" && ip netns del "$NETNS" || true
+  log "stopped"
+}
+
+cmd_exec() { in_ns env PFLD_RIG_SERIAL="$SERIAL" "$@"; }
+
+cmd_test() {
+  local t0=$SECONDS
+  cmd_build
+  cmd_stop >/dev/null 2>&1 || true
+  cmd_start
+  trap 'cmd_stop' EXIT
+  local rc=0
+  in_ns env PFLD_RIG_SERIAL="$SERIAL" PFLD_RIG_BENCHMARK_MODEL="$HERE/benchmark_model" \
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "$HERE" || rc=$?
+  log "make test-arm: $((SECONDS - t0)) s wall"
+  return $rc
+}
+
+case "${1:-}" in
+  build) cmd_build ;;
+  start) cmd_build; cmd_start ;;
+  stop) cmd_stop ;;
+  exec) shift; cmd_exec "$@" ;;
+  test) cmd_test ;;
+  *) echo "usage: $0 build|start|stop|exec CMD...|test" >&2; exit 2 ;;
+esac
