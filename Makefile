@@ -39,7 +39,44 @@ clean:
 
 # --- targets added by later stages, one block each (keep them self-contained) ---
 # [demo]
+# Train a small PFLD on synthetic faces, convert it with --int8, print the report (measured
+# wall time in benchmarks/conversion.md). Fixture-free and deterministic by default; real
+# calibration faces: make demo DEMO_CALIB=../shared/fixtures/unlabeled
+DEMO_OUT ?= demo_out
+DEMO_CALIB ?= synthetic
+demo: install
+	$(BIN)/pfld-export train --data synthetic --width 0.25 --epochs 3 --out $(DEMO_OUT)/train
+	@# exit 7 = a budget was missed: the table above says which; a 3-epoch model may miss int8's.
+	$(BIN)/pfld-export convert $(DEMO_OUT)/train/best.pth --int8 --calib $(DEMO_CALIB) --out $(DEMO_OUT)/convert \
+		--name pfld_w025 || { rc=$$?; test $$rc -eq 7 && echo "demo: converted; budget misses are listed above (FAIL lines)"; test $$rc -eq 7; }
 # [bench]
+# Host latency of the reference models (trained 0.25X + seeded 1X, cached under out/reference, converted --int8 into
+# out/bench) -> benchmarks/results/<date>-<host>.json + the summary table in benchmarks/README.md.
+# make bench [BENCH_ARGS="--runs 50 --repeats 3 --threads 1"]
+bench: install
+	$(BIN)/python benchmarks/run_host_bench.py $(BENCH_ARGS)
 # [bench-arm]
+# Latency on an adb device with TFLite's benchmark_model (not on any registry: see android_bench/README.md).
+# make bench-arm MODEL="a.tflite b.tflite" [SERIAL=...] [BENCHMARK_MODEL=...] [THREADS=1,4] [RUNS=50] [OUT=...]
+bench-arm: install
+	@test -n "$(MODEL)" || { echo "usage: make bench-arm MODEL=path/to/model.tflite [SERIAL=...] [BENCHMARK_MODEL=path/to/android_aarch64_benchmark_model]" >&2; exit 2; }
+	$(BIN)/pfld-export bench-arm $(MODEL) $(if $(SERIAL),--serial $(SERIAL)) $(if $(BENCHMARK_MODEL),--benchmark-model $(BENCHMARK_MODEL)) \
+		$(if $(THREADS),--threads $(THREADS)) $(if $(RUNS),--runs $(RUNS)) --out $(or $(OUT),benchmarks/results/arm)
 # [arm-rig]
+# Emulated-ARM rig (root, Debian): real adb + adbd, arm64 userland under qemu-user, own netns.
+# `make arm-rig` builds (cached in /var/cache/pfld-export) and starts it; `make test-arm` builds, starts, tests, stops.
+.PHONY: arm-rig-stop
+arm-rig: install
+	bash android_bench/emulated/rig.sh start
+
+arm-rig-stop:
+	bash android_bench/emulated/rig.sh stop
+
+test-arm: install
+	bash android_bench/emulated/rig.sh test
 # [check]
+# CI regression gate: size / host latency (CPU-time ratio to PyTorch) / NME + shift vs models/baselines.json.
+# Reference checkpoints are seeded and cached in out/reference; conversions go to out/check.
+# make check [CHECK_ARGS="--update"]   (--update rewrites the baselines deliberately: review the diff)
+check: install
+	$(BIN)/pfld-export check --baseline models/baselines.json $(CHECK_ARGS)

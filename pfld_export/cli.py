@@ -56,13 +56,455 @@ def info(model: str, as_json: bool) -> None:
 
 # --- commands added by later stages register below; keep each block self-contained ---
 # [eval]
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data_spec", required=True,
+              help="Annotated faces: wflw:DIR, wflw:LIST.txt, 300w:DIR, 300w:LIST.txt, synthetic[:N[:SEED]].")
+@click.option("--color", type=click.Choice(["BGR", "RGB"], case_sensitive=False), default=None,
+              help="Channel order the model expects (overrides its metadata; a foreign ONNX has none: BGR).")
+@click.option("--mean", default=None, help="Input mean after x/255: one value or a,b,c (overrides the model's).")
+@click.option("--std", default=None, help="Input std: one value or a,b,c (overrides the model's).")
+@click.option("--out", "out_dir", default="eval_out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for eval.json and ced.png.")
+@click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Crop side / landmark-box side.")
+@click.option("--norm", type=click.Choice(["inter-ocular", "inter-pupil", "box"]), default="inter-ocular",
+              show_default=True, help="NME normalisation.")
+@click.option("--threshold", default=0.1, show_default=True, type=float, help="Failure threshold (and AUC limit).")
+@click.option("--strict", is_flag=True, help="Stop at the first bad annotation instead of skipping it.")
+@click.option("--threads", type=int, default=None, help="Inference threads (default: the runtime's).")
+@click.option("--json", "as_json", is_flag=True, help="Print eval.json's content instead of the table.")
+@friendly
+def eval_command(model: str, data_spec: str, color: str | None, mean: str | None, std: str | None, out_dir: str,
+                 crop_scale: float, norm: str, threshold: float, strict: bool, threads: int | None, as_json: bool) -> None:
+    """Accuracy of MODEL (.pth/.onnx/.tflite) on annotated faces: NME, AUC, failure rate, outliers."""
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .evaluate import EvalConfig, EvalRunConfig, eval_json, parse_triple, run_eval
+    from .report import format_eval
+
+    cfg = EvalRunConfig(model=Path(model), data=data_spec, out_dir=Path(out_dir), color=color,
+                        mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"),
+                        eval=EvalConfig(crop_scale=crop_scale, norm=norm, threshold=threshold), strict=strict,
+                        threads=threads)
+    # disable=None: the bar shows on an interactive stderr only (never in pipes, CI logs or tests).
+    with tqdm(total=0, desc="eval", unit="face", file=sys.stderr, disable=None, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = run_eval(cfg, progress)
+    click.echo(json.dumps(eval_json(report), indent=2) if as_json else format_eval(report))
+
 # [fidelity]
+def _preprocess_options(fn: F) -> F:
+    """--color/--mean/--std: preprocessing for foreign models (shared by fidelity and predict)."""
+    fn = click.option("--std", default=None, help="Input std, one value or three (e.g. 0.5); overrides the model's.")(fn)
+    fn = click.option("--mean", default=None, help="Input mean after x/255, one value or three (e.g. 0.5).")(fn)
+    fn = click.option("--color", type=click.Choice(["BGR", "RGB"], case_sensitive=False), default=None,
+                      help="Channel order the model expects (overrides its metadata; foreign models default to BGR).")(fn)
+    return fn
+
+
+@main.command()
+@click.argument("model_a", type=click.Path(dir_okay=False))
+@click.argument("model_b", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, type=click.Path(file_okay=False),
+              help="Folder of real, unlabeled face photos; faces are found by the detector.")
+@_preprocess_options
+@click.option("--override-for", "override_for", type=click.Choice(["a", "b", "both"]), default="both", show_default=True,
+              help="Which model --color/--mean/--std apply to.")
+@click.option("--limit", type=int, default=None, help="Use at most N faces (files in sorted order).")
+@click.option("--detector", default="yunet", show_default=True, help="Face detector: yunet, mtcnn (optional package), haar.")
+@click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Crop side / landmark-equivalent box side.")
+@click.option("--threads", type=int, default=None, help="Inference threads per model (default: the runtime's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly
+def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: str | None, std: str | None,
+             override_for: str, limit: int | None, detector: str, crop_scale: float, threads: int | None,
+             as_json: bool) -> None:
+    """Landmark shift of MODEL_B against MODEL_A on the same real face crops (px of the crop, % IOD)."""
+    from pathlib import Path
+
+    from .evaluate import parse_triple
+    from .predict import FidelityConfig, fidelity_on_folder
+    from .report import format_fidelity, to_json
+
+    cfg = FidelityConfig(model_a=Path(model_a), model_b=Path(model_b), images=Path(images),
+                         color=color.upper() if color else None, mean=parse_triple(mean, "--mean"),
+                         std=parse_triple(std, "--std"), override=override_for, limit=limit, detector=detector,
+                         crop_scale=crop_scale, threads=threads)
+    report = fidelity_on_folder(cfg)
+    click.echo(to_json(report) if as_json else format_fidelity(report))
+
 # [train]
+@main.command()
+@click.option("--data", default=None, help="Training faces: wflw:DIR, 300w:DIR or synthetic[:N[:SEED]] (default: synthetic, the 3000-face demo set).")
+@click.option("--val-data", default=None, help="Separate validation faces (same spec forms); default: hold out --val-fraction of --data.")
+@click.option("--val-fraction", type=float, default=None, help="Share of --data held out for validation NME  [default: 0.1]")
+@click.option("--width", type=float, default=None, help="Width multiplier 0.25/0.5/0.75/1.0  [default: 0.25, or --init's]")
+@click.option("--points", type=int, default=None, help="Landmark count; must match the data layout  [default: the data's]")
+@click.option("--conv2", type=click.Choice(["full", "depthwise"]), default=None, help="conv2 kind  [default: full, or --init's]")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
+@click.option("--batch", type=int, default=None, help="Batch size  [default: 256 on real data, 32 on synthetic]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
+@click.option("--weight-decay", type=float, default=None, help="Adam weight decay  [default: 1e-6]")
+@click.option("--loss", type=click.Choice(["pfld", "l2", "wing"]), default=None, help="pfld (pose+attribute weighted L2), l2 or wing  [default: pfld]")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning-rate schedule after a short warm-up  [default: cosine]")
+@click.option("--out", "out", default="out/train", show_default=True, type=click.Path(file_okay=False), help="Folder for best.pth, last.pth, history.json.")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a run from its last.pth (optimizer, schedule, epoch).")
+@click.option("--init", type=click.Path(dir_okay=False), default=None, help="Fine-tune from any PFLD checkpoint (new head if the point count differs).")
+@click.option("--seed", type=int, default=None, help="Seed for weights, split, order and augmentation  [default: 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA if present.")
+@click.option("--workers", type=click.IntRange(0, 1), default=0, show_default=True, help="DataLoader worker processes (0 or 1 on 2 cores).")
+@click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: 1 if the machine is busy, else one per core]")
+@click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@friendly
+def train(data: str | None, val_data: str | None, val_fraction: float | None, width: float | None, points: int | None,
+          conv2: str | None, epochs: int, batch: int | None, lr: float | None, weight_decay: float | None, loss: str | None,
+          schedule: str | None, out: str, resume: str | None, init: str | None, seed: int | None, device: str,
+          workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool) -> None:
+    """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .report import format_train, format_train_epoch, to_json
+    from .train import TrainConfig, TrainEvent, train as run_train
+
+    cfg = TrainConfig(
+        out=Path(out), data=data, val_data=val_data, val_fraction=val_fraction, width=width, points=points, conv2=conv2,
+        epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
+        resume=Path(resume) if resume else None, init=Path(init) if init else None, seed=seed, device=device,  # type: ignore[arg-type]
+        workers=workers, threads=threads, augment=False if no_augment else None, cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    tty = sys.stderr.isatty()
+    bars: dict[str, Any] = {}
+
+    def progress(ev: TrainEvent) -> None:
+        if ev.kind == "setup":
+            click.echo(f"train: {ev.message}", err=True)
+        elif ev.kind in ("preload", "step"):
+            key = "preload" if ev.kind == "preload" else f"epoch {ev.epoch}/{ev.epochs}"
+            if bars.get("key") != key:
+                if "bar" in bars:
+                    bars["bar"].close()
+                bars["bar"] = tqdm(total=ev.steps, desc=key if ev.kind == "step" else "cropping", file=sys.stderr,
+                                   disable=not tty, leave=False, unit="batch" if ev.kind == "step" else "face")
+                bars["key"] = key
+            bar = bars["bar"]
+            if ev.kind == "step":
+                bar.set_postfix(loss=f"{ev.loss:.4g}", lr=f"{ev.lr:.2g}", refresh=False)
+            bar.update(ev.step - bar.n)
+        elif ev.kind == "epoch":
+            if "bar" in bars:
+                bars.pop("bar").close()
+                bars.pop("key", None)
+            tqdm.write(format_train_epoch(ev.record or {}, ev.epochs), file=sys.stderr)
+
+    try:
+        result = run_train(cfg, progress)
+    except KeyboardInterrupt:
+        if "bar" in bars:
+            bars.pop("bar").close()
+        last = Path(out) / "last.pth"
+        hint = f"; continue with --resume {last}" if last.exists() else ""
+        click.echo(f"interrupted: resumable checkpoint saved at {last}{hint}" if last.exists() else "interrupted", err=True)
+        sys.exit(130)
+    finally:
+        if "bar" in bars:
+            bars.pop("bar").close()
+    click.echo(to_json(result) if as_json else format_train(result))
+
 # [convert]
+def _three_floats(value: str | None, what: str) -> tuple[float, float, float] | None:
+    """`0.5` -> (0.5, 0.5, 0.5); `0.485,0.456,0.406` -> that triple; None stays None."""
+    from .errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) not in (1, 3):
+        raise UsageError(f"{what} {value!r} is not one number or three comma-separated numbers; e.g. {what} 0.5 or {what} 0.485,0.456,0.406")
+    return (vals * 3)[:3]  # type: ignore[return-value]
+
+
+def _format_names() -> str:
+    from .export.formats import DEFAULT_FORMATS, FORMATS
+
+    return ", ".join(FORMATS) + f" (default {','.join(DEFAULT_FORMATS)})"
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--int8", "int8", is_flag=True, help="Add int8 and full-int8 (and fp32, the reference they are read against).")
+@click.option("--formats", default=None, help=f"Comma-separated formats: {_format_names()}.")
+@click.option("--calib", default=None, help="Calibration faces: a folder of photos (faces detected) or wflw:DIR / 300w:DIR / synthetic[:N[:SEED]]. Default: synthetic.")
+@click.option("--calib-count", default=200, show_default=True, type=int, help="Calibration crops to use.")
+@click.option("--val-images", default=None, help="Held-out faces for the shift check (folder or spec); default: images held out of --calib.")
+@click.option("--eval-data", default=None, help="Annotated faces (wflw:DIR, 300w:DIR, synthetic) for the NME check.")
+@click.option("--size-budget", default="2MB", show_default=True, help="Largest allowed .tflite (decimal units: 2MB = 2,000,000 bytes).")
+@click.option("--out", "out", default="out/convert", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--name", default=None, help="File name stem (default: the model's).")
+@click.option("--width", type=float, default=None, help="Expected width multiplier; refused if the weights say otherwise.")
+@click.option("--color", type=click.Choice(["RGB", "BGR"], case_sensitive=False), default=None, help="Colour order the model expects (foreign ONNX).")
+@click.option("--mean", default=None, help="Mean subtracted after x/255: one value or three (foreign ONNX).")
+@click.option("--std", default=None, help="Std divided by after the mean: one value or three (foreign ONNX).")
+@click.option("--keep-onnx", is_flag=True, help="Keep the intermediate .onnx in --out.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and the hold-out split.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+@friendly
+def convert(model: str, int8: bool, formats: str | None, calib: str | None, calib_count: int, val_images: str | None,
+            eval_data: str | None, size_budget: str, out: str, name: str | None, width: float | None, color: str | None,
+            mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool) -> None:
+    """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
+    import os
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines are not for users
+    from .export.pipeline import ConvertConfig, convert as run_convert
+    from .report import format_convert, to_json
+
+    cfg = ConvertConfig(
+        model=Path(model), out_dir=Path(out), formats=formats, int8=int8, calib=calib, calib_count=calib_count,
+        val_images=val_images, eval_data=eval_data, size_budget=size_budget, name=name, width=width,
+        color=color.upper() if color else None, mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"),
+        keep_onnx=keep_onnx, seed=seed,
+    )
+    bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+    def progress(stage: str, seconds: float | None) -> None:
+        if seconds is None:
+            bar.set_postfix_str(stage)
+            return
+        if not stage.startswith("tflite "):
+            bar.update(1)
+        tqdm.write(f"convert: {stage} {seconds:.1f} s", file=sys.stderr)
+
+    try:
+        report = run_convert(cfg, progress)
+    finally:
+        bar.close()
+    click.echo(to_json(report) if as_json else format_convert(report))
+    report.raise_for_budgets()
+
+
 # [bench]
+def _int_list(value: str, what: str) -> tuple[int, ...]:
+    from .errors import UsageError
+
+    try:
+        out = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise UsageError(f"{what} {value!r} is not a comma-separated list of integers; e.g. {what} 1,2") from None
+    if not out:
+        raise UsageError(f"{what} {value!r} is empty; e.g. {what} 1,2")
+    return out
+
+
+def _progress_bar(desc: str) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
+    """A tqdm bar on stderr (only on a terminal) as a progress(done, total, what) callback."""
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int, what: str) -> None:
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        bar["b"].set_postfix_str(what[:40])
+        bar["b"].update(done - bar["b"].n)
+
+    def close() -> None:
+        if "b" in bar:
+            bar["b"].close()
+
+    return update, close
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts to measure.")
+@click.option("--runs", default=100, show_default=True, type=int, help="Timed single-face runs per model, thread count and round.")
+@click.option("--warmup", default=10, show_default=True, type=int, help="Untimed runs before each round.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Interleaved rounds (ratios are their median).")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None,
+              help="PyTorch checkpoint to compare against (default: a checkpoint among MODELS, or the one the sidecar names).")
+@click.option("--in-process", is_flag=True, help="Run every model in this process (faster start, no per-model RSS).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the input crop and of a built reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result to this file.")
+@friendly
+def bench(models: tuple[str, ...], threads: str, runs: int, warmup: int, repeats: int, reference: str | None,
+          in_process: bool, seed: int, as_json: bool, out: str | None) -> None:
+    """Host latency of MODEL... (.pth/.onnx/.tflite), with ratios to the same-run PyTorch reference."""
+    from pathlib import Path
+
+    from .bench.host import BenchConfig, benchmark
+    from .io import atomic_write_text
+    from .report import format_bench, to_json
+
+    cfg = BenchConfig(threads=_int_list(threads, "--threads"), runs=runs, warmup=warmup, repeats=repeats,
+                      reference=Path(reference) if reference else None, isolate=not in_process, seed=seed)
+    update, close = _progress_bar("bench")
+    try:
+        result = benchmark(list(models), cfg, progress=update)
+    finally:
+        close()
+    text = to_json(result)
+    if out:
+        atomic_write_text(out, text + "\n")
+    click.echo(text if as_json else format_bench(result))
+
+
 # [bench-arm]
+def _bench_arm_threads(text: str) -> tuple[int, ...]:
+    from .errors import UsageError
+
+    try:
+        threads = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"--threads must be comma-separated integers like 1,4, got {text!r}") from None
+    if not threads or min(threads) < 1:
+        raise UsageError(f"--threads must be positive integers like 1,4, got {text!r}")
+    return threads
+
+
+@main.command("bench-arm")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--serial", envvar="ANDROID_SERIAL", help="adb serial (default: the only device attached; env ANDROID_SERIAL).")
+@click.option("--benchmark-model", "benchmark_model", envvar="BENCHMARK_MODEL", type=click.Path(dir_okay=False),
+              help="TFLite benchmark_model binary for the device's ABI (env BENCHMARK_MODEL); see android_bench/README.md.")
+@click.option("--threads", default="1,4", show_default=True, help="Comma-separated thread counts, each a separate run.")
+@click.option("--runs", default=50, show_default=True, type=int, help="Timed runs (benchmark_model --num_runs).")
+@click.option("--warmup", default=5, show_default=True, type=int, help="Warm-up runs (--warmup_runs).")
+@click.option("--op-profiling", is_flag=True, help="Also pass --enable_op_profiling=true.")
+@click.option("--no-xnnpack", is_flag=True, help="Run without the XNNPACK delegate.")
+@click.option("--no-taskset", is_flag=True, help="Do not pin benchmark_model to the big cores.")
+@click.option("--out", "out_dir", default="out/bench-arm", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for one JSON result per model.")
+@click.option("--adb", envvar="ADB", help="adb executable (default: adb on PATH; env ADB).")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds allowed per benchmark_model run.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly
+def bench_arm_command(models: tuple[str, ...], serial: str | None, benchmark_model: str | None, threads: str, runs: int,
+                      warmup: int, op_profiling: bool, no_xnnpack: bool, no_taskset: bool, out_dir: str, adb: str | None,
+                      timeout: float, as_json: bool) -> None:
+    """Latency of .tflite MODELs on an ARM phone over adb with TFLite's benchmark_model (big cores)."""
+    from pathlib import Path
+
+    from .bench.adb import BENCHMARK_MODEL_HINT, BenchArmConfig, DeviceBenchConfig, bench_arm
+    from .errors import DeviceError, UsageError
+    from .report import table, to_json
+
+    if not benchmark_model:
+        raise UsageError(f"no benchmark_model binary given: {BENCHMARK_MODEL_HINT}")
+    cfg = BenchArmConfig(
+        models=tuple(Path(m) for m in models), serial=serial, adb=adb, out_dir=Path(out_dir),
+        bench=DeviceBenchConfig(benchmark_model=Path(benchmark_model), threads=_bench_arm_threads(threads),
+                                warmup_runs=warmup, num_runs=runs, use_xnnpack=not no_xnnpack,
+                                op_profiling=op_profiling, taskset=not no_taskset, timeout_s=timeout),
+    )
+    result = bench_arm(cfg, progress=lambda msg: click.echo(msg, err=True))
+    if as_json:
+        click.echo(to_json(result))
+    else:
+        d = result.device
+        click.echo(f"device {d.serial}: {d.model} ({d.abi}), profile {d.profile}, big cores "
+                   f"{','.join(map(str, d.big_cores)) or '?'} (taskset mask {d.mask or '-'})")
+        if any(r.emulated for r in result.results):
+            click.echo("EMULATED device: these milliseconds are qemu's, not a phone's (emulated: true in the JSON)")
+        rows = [[Path(r.model).name, t.threads, t.inference_avg_ms, t.std_ms, t.percentiles_ms.get("median"), t.init_ms,
+                 t.peak_memory_mb, "{}/{}".format(*t.parsed.xnnpack_nodes) if t.parsed.xnnpack_nodes else None,
+                 "ok" if t.ok else f"FAILED: {t.parsed.failure_reason}"]
+                for r in result.results for t in r.runs]
+        click.echo(table(["model", "threads", "avg ms", "std ms", "median ms", "init ms", "peak MB", "xnnpack", "status"], rows))
+        for f in result.files:
+            click.echo(f"wrote {f}")
+    failed = [(Path(r.model).name, t) for r in result.results for t in r.runs if not t.ok]
+    if failed:
+        name, t = failed[0]
+        raise DeviceError(f"benchmark_model failed for {name} at {t.threads} thread(s): {t.parsed.failure_reason}")
+
+
 # [check]
+@main.command()
+@click.option("--baseline", default="models/baselines.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Committed baselines to compare against (or to rewrite with --update).")
+@click.option("--update", is_flag=True, help="Rewrite the baselines from this run (deliberately; review the diff).")
+@click.option("--reuse", is_flag=True, help="Reuse a previous conversion of the same checkpoints (skip convert).")
+@click.option("--work-dir", default="out/check", show_default=True, type=click.Path(file_okay=False), help="Where conversions go.")
+@click.option("--cache-dir", default="out/reference", show_default=True, type=click.Path(file_okay=False),
+              help="Where the seeded reference checkpoints are cached.")
+@click.option("--runs", default=40, show_default=True, type=int, help="Timed runs per model and round.")
+@click.option("--repeats", default=7, show_default=True, type=int, help="Interleaved benchmark rounds (median of ratios).")
+@click.option("--verbose", "-v", is_flag=True, help="List every check, not only those that moved.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly
+def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: str, runs: int, repeats: int,
+          verbose: bool, as_json: bool) -> None:
+    """CI gate: size, host latency and accuracy of the reference models vs committed baselines."""
+    from pathlib import Path
+
+    from .bench.host import BenchConfig
+    from .check import CheckConfig, run_check
+    from .report import format_check, to_json
+
+    cfg = CheckConfig(baseline=Path(baseline), update=update, work_dir=Path(work_dir), cache_dir=Path(cache_dir),
+                      reuse_conversion=reuse, bench=BenchConfig(threads=(1,), runs=runs, warmup=10, repeats=repeats))
+    result = run_check(cfg, progress=lambda msg: click.echo(f"[check] {msg}", err=True))
+    click.echo(to_json(result) if as_json else format_check(result, verbose=verbose))
+    result.raise_for_failures()
+
+
 # [predict]
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for overlays, predictions.json, output videos and the grid.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions JSON instead of a summary table.")
+@click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Crop side / landmark-equivalent box side.")
+@click.option("--detector", default="yunet", show_default=True, help="Face detector: yunet, mtcnn (optional package), haar.")
+@click.option("--min-score", type=float, default=None, help="Detector score threshold (default: the detector's own).")
+@click.option("--grid", is_flag=True, help="Also write a contact sheet of all overlays (needs --out).")
+@click.option("--frame-step", default=1, show_default=True, type=int, help="Videos: predict every N-th frame.")
+@click.option("--max-frames", type=int, default=None, help="Videos: stop after predicting N frames.")
+@click.option("--threads", type=int, default=None, help="Landmark-model threads (default: the runtime's).")
+@_preprocess_options
+@friendly
+def predict(model: str, inputs: tuple[str, ...], out: str | None, as_json: bool, crop_scale: float, detector: str,
+            min_score: float | None, grid: bool, frame_step: int, max_frames: int | None, threads: int | None,
+            color: str | None, mean: str | None, std: str | None) -> None:
+    """Faces, landmarks and head pose with MODEL (.pth/.onnx/.tflite) on images, folders or videos."""
+    import json as _json
+    from pathlib import Path
+
+    from .evaluate import parse_triple
+    from .predict import PredictConfig
+    from .predict import predict as run_predict
+    from .report import format_predict
+
+    cfg = PredictConfig(model=Path(model), inputs=tuple(Path(i) for i in inputs), out=Path(out) if out else None,
+                        crop_scale=crop_scale, detector=detector, min_score=min_score, grid=grid,
+                        frame_step=frame_step, max_frames=max_frames, color=color.upper() if color else None,
+                        mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), threads=threads)
+    result = run_predict(cfg)
+    if as_json:
+        click.echo(_json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(format_predict(result))
+    for p in result.problems:
+        click.echo(f"skipped {p.where}: {p.reason}", err=True)
+
 # [sensitivity]
 
 

@@ -87,10 +87,267 @@ def format_info(info: Any) -> str:
 
 # --- formatters added by later stages go below, one block per stage ---
 # [eval]
+def format_eval(rep: Any) -> str:
+    """`pfld-export eval`: headline accuracy, per-attribute rows, named outliers, where files went."""
+    r = rep.result
+    m = rep.model
+    pre = rep.preprocess
+    lines = [
+        f"model: {m.get('path')} ({m.get('backend')}, {m.get('dtype', '?')}); input {pre['color']}, "
+        f"x*{pre['scale']:.6g}, mean {list(pre['mean'])}, std {list(pre['std'])}",
+        f"data:  {rep.data}",
+        f"NME normalised by {r.norm}; failure = NME > {r.threshold:g}",
+        "",
+    ]
+    rows: list[list[Any]] = [["all", r.count, r.nme_mean, r.auc, 100.0 * r.failure_rate]]
+    for name, v in r.per_attribute.items():
+        rows.append([name, int(v["count"]), v["nme"], v["auc"], 100.0 * v["failure_rate"]])
+    lines.append(table(["faces", "count", "NME mean", f"AUC@{r.threshold:g}", f"FR@{r.threshold:g} %"], rows, align="lrrrr"))
+    if r.outliers:
+        lines += ["", "outliers (worst first):"]
+        lines += [f"  {e:.4f}  {src}" for src, e in r.outliers]
+    if rep.problems:
+        lines += ["", f"skipped {len(rep.problems)} annotation entries:"]
+        lines += [f"  {p}" for p in rep.problems[:10]]
+        if len(rep.problems) > 10:
+            lines.append(f"  ... and {len(rep.problems) - 10} more (all listed in {rep.json_path})")
+    lines += ["", f"wrote {rep.json_path} and {rep.ced_path}"]
+    return "\n".join(lines)
+
+
 # [fidelity]
+def format_fidelity(rep: Any) -> str:
+    """`pfld-export fidelity`: how far model B's landmarks move from model A's on real crops."""
+    r = rep.result
+    rows = [["mean", r.mean_px, r.mean_pct_iod], ["p99", r.p99_px, r.p99_pct_iod], ["max", r.max_px, None]]
+
+    def model_line(tag: str, m: dict[str, Any]) -> str:
+        pp = m.get("preprocess", {})
+        feed = f"{pp.get('color')}, mean {pp.get('mean')}, std {pp.get('std')}" if pp else "?"
+        return f"{tag}: {m.get('path')} ({m.get('backend')}, {m.get('dtype', '?')}; input {feed})"
+
+    lines = [
+        model_line("A", rep.model_a),
+        model_line("B", rep.model_b),
+        f"{rep.faces} faces ({rep.layout}) found by {rep.detector} in {rep.images} files of {rep.images_dir}"
+        + (f"; {len(rep.no_face)} without a face" if rep.no_face else "")
+        + (f"; {len(rep.problems)} unreadable" if rep.problems else ""),
+        "",
+        table(["landmark shift", "px (crop)", "% IOD"], rows, align="lrr"),
+    ]
+    if rep.problems:
+        lines += [""] + [f"skipped {p}" for p in rep.problems]
+    return "\n".join(lines)
+
+
 # [train]
+def format_train_epoch(rec: dict[str, Any], epochs: int) -> str:
+    """One line per finished epoch (stderr while `train` runs)."""
+    val = f"  val NME {rec['val_nme']:.4f}" if rec.get("val_nme") is not None else ""
+    return (f"epoch {rec.get('epoch', '?')}/{epochs}  loss {rec.get('train_loss', float('nan')):.4g}"
+            f"  L2 {rec.get('train_l2', float('nan')):.4g}{val}  lr {rec.get('lr', float('nan')):.2g}  {rec.get('seconds', 0):.0f} s")
+
+
+def format_train(result: Any) -> str:
+    """`pfld-export train` final report: per-epoch table and where the checkpoints are."""
+    rows = [(h.get("epoch"), h.get("train_loss"), h.get("train_l2"), h.get("val_nme"), h.get("lr"), h.get("seconds"))
+            for h in result.history]
+    out = [table(["epoch", "train loss", "train L2", "val NME", "lr", "seconds"], rows)]
+    c = result.config
+    out.append("")
+    out.append(f"model       width {c.get('width')}, {c.get('points')} points, conv2 {c.get('conv2')}, loss {c.get('loss')}")
+    out.append(f"data        {c.get('data')}: {result.train_faces} train / {result.val_faces} val faces")
+    if result.best_val_nme is not None:
+        before = f"{result.initial_val_nme:.4f} untrained -> " if result.initial_val_nme is not None else ""
+        out.append(f"val NME     {before}{result.best_val_nme:.4f} best (epoch {result.best_epoch})")
+    out.append(f"best        {result.best_checkpoint}")
+    out.append(f"last        {result.last_checkpoint}")
+    out.append(f"history     {result.history_file}")
+    out.append(f"wall time   {result.wall_s:.1f} s on {result.device}")
+    return "\n".join(out)
+
 # [convert]
+def format_convert(rep: Any) -> str:
+    """`pfld-export convert` output: what went in, one row per .tflite, failed checks, timings."""
+    from .export.formats import format_size
+
+    m = rep.model or {}
+    what = f"width {m['width']}, {m['points']} points" if m else f"{rep.onnx.num_points} points"
+    par = rep.parity
+    lines = [
+        f"source       {rep.source} ({rep.source_kind}, {what})",
+        f"preprocess   {rep.preprocess['color']}, x*{rep.preprocess['scale']:.6g}, mean {rep.preprocess['mean']}, std {rep.preprocess['std']}",
+        f"calibration  {rep.calibration}",
+        f"validation   {rep.validation} (shifts are vs {rep.reference})",
+        f"onnx         opset {rep.onnx.opset}, {sum(rep.onnx.op_types.values())} nodes, ORT vs {rep.reference} max "
+        f"{par.max_px:.2g} px (tolerance {par.atol_px:g}){' -> ' + str(rep.onnx.path) if rep.onnx_kept else ''}",
+    ]
+    if rep.onnx.rewrites:
+        lines.append(f"             {len(rep.onnx.rewrites)} whole-map AveragePool -> ReduceMean (same math; int8-safe head)")
+    if rep.eval_data:
+        lines.append(f"eval data    {rep.eval_data}: source NME {rep.reference_nme:.4f}")
+    rows = []
+    for f in rep.formats:
+        s = f.shift
+        rows.append([
+            f.format, f.path.name, format_size(f.bytes), "ok" if f.ops.builtin_only else "NO",
+            f"{100 * f.ops.xnnpack_coverage:.0f}%", None if s is None else round(s.mean_px, 4),
+            None if s is None else round(s.p99_px, 4), None if s is None else round(s.max_px, 4),
+            None if f.nme is None else f"{f.nme:.4f} ({f.nme_increase:+.4f})",
+            "pass" if f.passed else "FAIL",
+        ])
+    headers = ["format", "file", "size", "ops", "XNNPACK", "shift mean px", "p99 px", "max px", "NME", "budget"]
+    lines += ["", table(headers, rows, align="lllrrrrrrl"), ""]
+    for a in rep.artifacts:
+        if a.input_quant or a.output_quant:
+            q = ", ".join(f"{k} scale {v['scale']:.6g} zero point {v['zero_point']}"
+                          for k, v in (("input", a.input_quant), ("output", a.output_quant)) if v)
+            lines.append(f"{a.format} int8 I/O: {q}")
+    for f in rep.formats:
+        if f.ops.undelegated:
+            left = ", ".join(f"{k} x{v}" for k, v in sorted(f.ops.undelegated.items()))
+            lines.append(f"{f.format}: XNNPACK leaves {left} to TFLite's reference kernels")
+    for f in rep.formats:
+        for c in f.failures:
+            lines.append(f"FAIL {f.format} {c.name}: {c.detail}")
+    lines.append("timings      " + ", ".join(f"{k} {v:.1f} s" for k, v in rep.timings.items()))
+    lines.append(f"report       {rep.report_path} ({'all budgets met' if rep.passed else 'budget failures above'})")
+    return "\n".join(lines)
+
+
 # [bench]
+def format_bench(result: Any) -> str:
+    """`pfld-export bench`: one row per (model, threads), ratios to the same-run PyTorch reference."""
+    headers = ["model", "backend", "dtype", "size", "thr", "median ms", "p90 ms", "p99 ms", "faces/s",
+               "x torch", "(range)", "cpu x torch", "peak RSS"]
+    rows = [
+        [r.name + (" *" if r.reference else ""), r.backend, r.dtype, human_bytes(r.bytes) if r.bytes else "-", r.threads,
+         r.median_ms, r.p90_ms, r.p99_ms, round(r.faces_per_s), r.ratio_to_torch,
+         f"{r.ratio_low:.3g}-{r.ratio_high:.3g}", r.cpu_ratio_to_torch, human_bytes(r.peak_rss_bytes) if r.peak_rss_bytes else "-"]
+        for r in result.rows
+    ]
+    m, c = result.machine, result.config
+    load = m.get("loadavg_at_start")
+    lines = [
+        f"host: {m.get('cpu')}, {m.get('logical_cores')} cores, load {load[0] if load else '?'} at start; "
+        f"{c['repeats']} interleaved rounds x {c['runs']} runs (+{c['warmup']} warm-up) per model and thread count",
+        f"reference (*): {result.reference.path} [{result.reference.how}]" + (f" {result.reference.note}" if result.reference.note else ""),
+        "",
+        table(headers, rows, align="llllrrrrrrlrl"),
+        "",
+        "x torch = model median / PyTorch median of the same round, median over rounds (lower is faster);",
+        "cpu x torch = the same with the invoking thread's CPU time (steadier under load; exact at 1 thread).",
+        "single-face invoke only, preprocessing excluded. peak RSS: the model's own worker process.",
+    ]
+    return "\n".join(lines)
+
+
+def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
+    """benchmarks/README.md summary from a `make bench` results document (plain JSON)."""
+    m, c, v = doc["machine"], doc["config"], doc["versions"]
+    threads = list(c["threads"])
+    load = m.get("loadavg_at_start")
+    out = [
+        f"Measured {doc['date'][:10]} on **{m['cpu']}** ({m['logical_cores']} cores, {human_bytes(m['memory_bytes'])}, "
+        f"load average {load[0] if load else '?'} at start; host `{doc.get('host_label', m.get('host'))}`), "
+        f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, ai-edge-litert {v.get('ai-edge-litert')}. "
+        f"Raw numbers: [`results/{results_file}`](results/{results_file}).",
+        "",
+        f"Single-face invoke, preprocessing excluded; median of {c['repeats']} interleaved rounds x {c['runs']} runs "
+        f"(+{c['warmup']} warm-up). **x torch** = model / PyTorch eager measured in the same round (median over rounds; "
+        "lower is faster). **cpu x torch** = the same ratio of the invoking thread's CPU time at one thread: the figure "
+        "to compare across runs (the regression gate uses it), since absolute ms, and even wall-clock ratios, move "
+        "with machine load. "
+        "**SD845 (estimate)** is arithmetic from MACs (`pfld_export/bench/estimate.py`), *not a measurement*; "
+        "measure a phone with `make bench-arm`.",
+        "",
+    ]
+    headers = ["model", "format", "size"]
+    for t in threads:
+        headers += [f"{t} thr median ms", f"{t} thr p90 ms", f"{t} thr x torch"]
+    headers += ["cpu x torch (1 thr)", "faces/s (1 thr)" if 1 in threads else "faces/s", "peak RSS", "SD845 1 thr (estimate)"]
+    out.append("| " + " | ".join(headers) + " |")
+    out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|")
+    for model in doc["models"]:
+        by = {}
+        for r in model["rows"]:
+            by.setdefault(r["path"], {})[r["threads"]] = r
+        for path, per in by.items():
+            first = per[threads[0]]
+            cells = [f"{model['name']} ({model['macs'] / 1e6:.0f} M MACs)", first["format"] + (" (reference)" if first["reference"] else ""),
+                     human_bytes(first["bytes"]) if first["bytes"] else "-"]
+            for t in threads:
+                r = per.get(t)
+                cells += ["-", "-", "-"] if r is None else [f"{r['median_ms']:.3g}", f"{r['p90_ms']:.3g}", f"{r['ratio_to_torch']:.3g}"]
+            one = per.get(1)
+            cells.append(f"{one['cpu_ratio_to_torch']:.3g}" if one and "cpu_ratio_to_torch" in one else "-")
+            cells.append(f"{first['faces_per_s']:,.0f}")
+            cells.append(human_bytes(first["peak_rss_bytes"]) if first.get("peak_rss_bytes") else "-")
+            est = first.get("sd845_estimate")
+            cells.append(est["label"] if est else "-")
+            out.append("| " + " | ".join(cells) + " |")
+    if doc.get("sd845_estimate_reference"):
+        out += ["", f"Estimate basis: {doc['sd845_estimate_reference']}."]
+    return "\n".join(out)
+
+
 # [check]
+def _check_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "B":
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def format_check(result: Any, verbose: bool = False) -> str:
+    """`pfld-export check`: what moved and by how much; every item with --verbose."""
+    shown = [i for i in result.items if verbose or i.status != "ok"]
+    headers = ["model", "artifact", "metric", "baseline", "measured", "change", "limit", "status", "note"]
+    rows = [[i.model, i.artifact, i.label + (f" ({i.unit})" if i.unit and i.unit != "x" else ""),
+             _check_value(i.baseline, i.unit), _check_value(i.measured, i.unit), i.change,
+             _check_value(i.limit, i.unit), i.status, i.note] for i in shown]
+    n_ok = sum(1 for i in result.items if i.status == "ok")
+    fails = [i for i in result.items if i.failed]
+    lines = []
+    if rows:
+        lines += [table(headers, rows, align="lllrrrrll"), ""]
+    rec = result.baseline_recorded or {}
+    mach = rec.get("machine", {})
+    lines.append(f"baseline {result.baseline_path}: recorded {rec.get('date', '?')} on {mach.get('cpu', '?')} "
+                 f"({mach.get('logical_cores', '?')} cores)" + ("" if result.latency_gated else
+                                                                " - another CPU: latency reported, not gated"))
+    if result.updated:
+        lines.append(f"updated {result.baseline_path} with {len(result.items)} gated values ({result.wall_s:.0f} s); review and commit the diff")
+    elif fails:
+        lines.append(f"FAILED: {len(fails)} of {len(result.items)} checks moved past their tolerance ({result.wall_s:.0f} s): "
+                     + "; ".join(f"{i.model} {i.artifact} {i.label} {i.change}" for i in fails))
+    else:
+        lines.append(f"passed: {n_ok} of {len(result.items)} checks within tolerance ({result.wall_s:.0f} s)")
+    return "\n".join(lines)
+
+
 # [predict]
+def format_predict(result: Any) -> str:
+    """`pfld-export predict`: per-input rows (at most 40) and the summary line."""
+    rows = []
+    for it in result.items[:40]:
+        src = it.source if it.frame is None else f"{it.source}#{it.frame}"
+        rows.append([src[-48:], len(it.faces), it.detect_ms, it.landmarks_ms, it.overlay or "-"])
+    s = result.summary()
+    lines = [table(["input", "faces", "detect ms", "landmarks ms", "overlay"], rows, align="lrrrl")]
+    if len(result.items) > 40:
+        lines.append(f"... {len(result.items) - 40} more (see --json)")
+    lines += ["", table(["images", "faces", "mean detect ms / image", "mean landmarks ms / face"],
+                        [[s["images"], s["faces"], s["detect_ms_mean"], s["landmarks_ms_per_face"]]])]
+    for v in result.videos:
+        lines.append(f"video {v.source}: {v.frames_processed} of {v.frames_read} frames predicted"
+                     + (f" -> {v.output}" if v.output else ""))
+    if result.grid:
+        lines.append(f"grid: {result.grid}")
+    if result.json_path:
+        lines.append(f"json: {result.json_path}")
+    return "\n".join(lines)
+
+
 # [sensitivity]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,6 +38,10 @@ class Predictor(Protocol):
     def predict(self, crops: np.ndarray) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    # Optional (not part of the runtime check, so other Predictors stay valid without it):
+    # `invoker(crop)` is a context manager yielding a zero-argument call that runs only the
+    # network on one face already preprocessed and fed; `bench.host` times that call.
 
 
 def _to_points(raw: np.ndarray, size: int) -> np.ndarray:
@@ -82,6 +87,22 @@ class TorchPredictor:
             torch.set_num_threads(prev)
         return _to_points(out, self.preprocess.input_size)
 
+    @contextmanager
+    def invoker(self, crop: np.ndarray) -> Iterator[Callable[[], Any]]:
+        """Yield a call running only the module on one preprocessed face (for benchmarks)."""
+        import torch
+
+        x = torch.from_numpy(self.preprocess.apply_nchw(_check_crops(crop, self.preprocess)[:1]))
+        prev = torch.get_num_threads()
+        # Thread count is process state in torch: set it for the whole timed block, not per call.
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                yield lambda: self.module(x)
+        finally:
+            torch.set_num_threads(prev)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend, "path": str(self.path), "bytes": _size(self.path),
                 "dtype": "float32", "points": self.num_points}
@@ -107,6 +128,14 @@ class OnnxPredictor:
         # Exported graphs have a static batch of 1: feed faces one at a time.
         outs = [self.session.run([self.output_name], {self.input_name: x[i : i + 1]})[0] for i in range(len(x))]
         return _to_points(np.concatenate(outs, 0), self.preprocess.input_size)
+
+    @contextmanager
+    def invoker(self, crop: np.ndarray) -> Iterator[Callable[[], Any]]:
+        """Yield a call running only the session on one preprocessed face (for benchmarks)."""
+        crop = _check_crops(crop, self.preprocess)[:1]
+        x = self.preprocess.apply(crop) if self.nhwc else self.preprocess.apply_nchw(crop)
+        feed, outs = {self.input_name: x}, [self.output_name]
+        yield lambda: self.session.run(outs, feed)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend, "path": str(self.path), "bytes": _size(self.path),
@@ -159,6 +188,17 @@ class TFLitePredictor:
     def invoke_once(self) -> None:
         """One inference on whatever is in the input tensor (for benchmarks)."""
         self.interpreter.invoke()
+
+    @contextmanager
+    def invoker(self, crop: np.ndarray) -> Iterator[Callable[[], Any]]:
+        """Feed one preprocessed (and, for int8 I/O, quantized) face; yield the bare `invoke`."""
+        crop = _check_crops(crop, self.preprocess)[:1]
+        x = self.preprocess.apply(crop) if self.nhwc else self.preprocess.apply_nchw(crop)
+        if self.input_quant is not None:
+            q, info = self.input_quant, np.iinfo(self._in_dtype)
+            x = np.clip(np.round(x / q.scale + q.zero_point), info.min, info.max).astype(self._in_dtype)
+        self.interpreter.set_tensor(self._in_index, x)
+        yield self.interpreter.invoke
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "backend": self.backend, "path": str(self.path),

@@ -1,0 +1,425 @@
+"""Selective int8 quantization of a calibrated TFLite model, and automatic mixed precision.
+
+The TFLite converter quantizes in two steps, and this module drives them separately:
+
+1. calibration: `converter._experimental_calibrate_only = True` gives the *float* flatbuffer
+   with a min/max range recorded on every activation tensor;
+2. quantization: `mlir_quantize(calibrated, denylisted_nodes=[...])` turns it into int8, keeping
+   the denylisted ops (named by their output tensor) in float with QUANTIZE / DEQUANTIZE at
+   their borders. This is the converter's own selective quantization, so a model built here is
+   exactly what `convert` ships, and it runs with the real int8 kernels (XNNPACK).
+
+Step 2 takes under a second, so one calibration serves every experiment (the per-layer
+sensitivity sweep, the mixed-precision search). We also fill the ranges ourselves: the
+converter's calibrator runs the reference kernels and takes ~40 s for 200 crops of a 0.5X model
+on 2 cores; running the float model once with every tensor kept and taking min/max ourselves
+gives the same ranges in a few seconds, and lets `RangeMethod` choose something else (a
+percentile) where that helps. The converter records each range as-is (min/max including 0);
+we do the same for `minmax`, so plain int8 here equals the converter's int8 byte for byte up
+to calibration data.
+
+Mixed precision (`search_mixed`): float ops are added in order of a ranking (the sensitivity
+sweep's, or the per-op "quantized alone" shift) until the shift budget holds on the search
+crops, then each float op is tried back in int8 and kept there if the budget still holds.
+Search crops are the calibration crops: held-out validation crops stay untouched for the
+figure that is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import ConversionError, UsageError
+from ..preprocess import Preprocess
+from .validate import ShiftStats, shift_stats
+
+Progress = Callable[[str], None]
+IO_DTYPES = ("float32", "int8")
+# Ops that move or reshape data: quantizing them alone costs nothing (they share their input's
+# scale), floating them alone buys nothing; they only ever ride along with their neighbours.
+PASSTHROUGH_OPS = frozenset({"PAD", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE"})
+_PERCENTILE = re.compile(r"percentile:(\d+(?:\.\d+)?)")
+_SAMPLE_PER_TENSOR = 4096  # values kept per tensor per crop for percentile ranges
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One op of the float graph: its position, type, output tensor (the denylist key), a
+    readable label (the PyTorch layer when known) and its output shape."""
+
+    index: int
+    op: str
+    tensor: str
+    label: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Calibrated:
+    """A float TFLite flatbuffer carrying an activation range on every tensor, and its ops."""
+
+    blob: bytes
+    ops: list[OpInfo]
+    method: str
+    faces: int
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> (lo, hi)
+
+    def quantize(self, float_ops: Iterable[str] = (), io_dtype: str = "float32") -> bytes:
+        """int8 model with the ops whose output tensors are in `float_ops` kept in float."""
+        return quantize_calibrated(self.blob, float_ops, io_dtype)
+
+    def op(self, tensor: str) -> OpInfo:
+        for o in self.ops:
+            if o.tensor == tensor:
+                return o
+        raise UsageError(f"no op writes tensor {tensor!r}; choose one of the model's op outputs")
+
+    @property
+    def quantizable(self) -> list[OpInfo]:
+        """Ops whose quantization can matter on their own (data-movement ops left out)."""
+        return [o for o in self.ops if o.op not in PASSTHROUGH_OPS]
+
+
+def quantize_calibrated(blob: bytes, float_ops: Iterable[str] = (), io_dtype: str = "float32") -> bytes:
+    """The converter's quantization step on a calibrated flatbuffer (see the module docstring)."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tfl_convert
+
+    from .tflite import _Captured
+
+    if io_dtype not in IO_DTYPES:
+        raise UsageError(f"I/O dtype {io_dtype!r} is not supported here; choose {' or '.join(IO_DTYPES)}")
+    dt = tf.dtypes.as_dtype(io_dtype)
+    deny = sorted(set(float_ops))
+    try:
+        with _Captured():  # the quantizer prints its settings from C++
+            out = tfl_convert.mlir_quantize(blob, input_data_type=dt, output_data_type=dt, denylisted_nodes=deny or None)
+    except Exception as e:  # the MLIR quantizer raises RuntimeError / ConverterError
+        raise ConversionError(f"int8 quantization failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    return _deduplicate(bytes(out))
+
+
+def _deduplicate(blob: bytes) -> bytes:
+    # The converter deduplicates read-only buffers after quantizing (lite.py); do the same so
+    # sizes compare with `convert`'s plain int8 files.
+    try:
+        from tensorflow.lite.python.lite import _deduplicate_readonly_buffers
+
+        return bytes(_deduplicate_readonly_buffers(blob))
+    except Exception:  # pragma: no cover - private helper moved: keep the undeduplicated model
+        return blob
+
+
+def keras_function(onnx_artifact: Any, samples: np.ndarray) -> tuple[Any, Any]:
+    """onnx2tf's in-memory Keras model and the concrete function the converter takes
+    (exactly as `tflite.to_tflite` builds them, offline)."""
+    from .tflite import _concrete_function, _offline_workdir, _onnx_to_keras, ONNX2TF_SAMPLES
+
+    with _offline_workdir(samples[:ONNX2TF_SAMPLES]) as work:
+        keras_model = _onnx_to_keras(onnx_artifact, work)
+    return keras_model, _concrete_function(keras_model)
+
+
+def calibrate(keras_model: Any, func: Any, inputs: np.ndarray, method: str = "minmax",
+              labels: Sequence[str] | None = None) -> Calibrated:
+    """Calibrated float flatbuffer with activation ranges from `inputs` (float32 NHWC).
+
+    `method`: "minmax" (the converter's own rule) or "percentile:P" (e.g. percentile:99.99,
+    ranges at the P-th / (100-P)-th percentile of each tensor's values). `labels`: names of the
+    model's conv/FC layers in forward order (PyTorch names), used to label ops.
+    """
+    import tensorflow as tf
+
+    from .tflite import _Captured
+
+    pct = _range_method(method)
+    if len(inputs) < 1:
+        raise UsageError("calibration needs at least one input crop")
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([func], keras_model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    # The converter only needs to see the graph run once to place its statistics; the ranges
+    # themselves are measured below over all inputs (much faster than its calibrator).
+    conv.representative_dataset = lambda: ([inputs[i : i + 1]] for i in range(min(2, len(inputs))))
+    conv._experimental_calibrate_only = True
+    try:
+        with _Captured():
+            blob = bytes(conv.convert())
+    except Exception as e:
+        raise ConversionError(f"TFLite calibration failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    ranges = _measure_ranges(blob, inputs, pct)
+    blob = _write_ranges(blob, ranges)
+    return Calibrated(blob=blob, ops=list_ops(blob, labels), method=method, faces=len(inputs), ranges=ranges)
+
+
+def _range_method(method: str) -> float | None:
+    if method == "minmax":
+        return None
+    m = _PERCENTILE.fullmatch(method)
+    if not m or not 50.0 < float(m.group(1)) <= 100.0:
+        raise UsageError(f"range method {method!r} is not understood; use minmax or percentile:P with 50 < P <= 100 (e.g. percentile:99.99)")
+    return float(m.group(1))
+
+
+def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
+    from ..runtime import tflite_interpreter_class
+
+    cls = tflite_interpreter_class()
+    kw = {"experimental_preserve_all_tensors": True} if keep_all else {}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # preserve_all_tensors warns that it is for debugging: it is
+        interp = cls(model_content=blob, num_threads=1, **kw)
+    interp.allocate_tensors()
+    return interp
+
+
+def _measure_ranges(blob: bytes, inputs: np.ndarray, percentile: float | None) -> dict[str, tuple[float, float]]:
+    """Min/max (or percentiles) of every float tensor over `inputs`, by tensor name."""
+    interp = _interpreter(blob, keep_all=True)
+    inp = interp.get_input_details()[0]["index"]
+    tensors = [(t["index"], t["name"]) for t in interp.get_tensor_details() if np.dtype(t["dtype"]) == np.float32]
+    lo: dict[int, float] = {}
+    hi: dict[int, float] = {}
+    samples: dict[int, list[np.ndarray]] = {}
+    rng = np.random.default_rng(0)  # subsampling for percentiles only; fixed so ranges are reproducible
+    for k in range(len(inputs)):
+        interp.set_tensor(inp, np.ascontiguousarray(inputs[k : k + 1], np.float32))
+        interp.invoke()
+        for idx, _name in tensors:
+            try:
+                a = interp.get_tensor(idx)
+            except ValueError:  # constants the interpreter keeps no buffer for
+                continue
+            if a.size == 0:
+                continue
+            lo[idx] = min(lo.get(idx, np.inf), float(a.min()))
+            hi[idx] = max(hi.get(idx, -np.inf), float(a.max()))
+            if percentile is not None:
+                flat = a.ravel()
+                if flat.size > _SAMPLE_PER_TENSOR:
+                    flat = flat[rng.choice(flat.size, _SAMPLE_PER_TENSOR, replace=False)]
+                samples.setdefault(idx, []).append(flat.astype(np.float32))
+    out = {}
+    for idx, name in tensors:
+        if idx not in lo:
+            continue
+        a, b = lo[idx], hi[idx]
+        if percentile is not None and idx in samples:
+            v = np.concatenate(samples[idx])
+            a, b = float(np.percentile(v, 100.0 - percentile)), float(np.percentile(v, percentile))
+        out[name] = (min(a, 0.0), max(b, 0.0))  # int8 ranges always hold 0 (zero point)
+    return out
+
+
+def _write_ranges(blob: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
+    """Replace the min/max statistics the calibrator recorded with `ranges` (same tensors)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    for sg in model.subgraphs:
+        for t in sg.tensors:
+            q = t.quantization
+            if q is None or q.min is None or len(q.min) == 0:
+                continue
+            name = t.name.decode() if isinstance(t.name, bytes) else t.name
+            if name in ranges:
+                q.min, q.max = [float(ranges[name][0])], [float(ranges[name][1])]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def list_ops(blob: bytes, labels: Sequence[str] | None = None) -> list[OpInfo]:
+    """Ops of a (float, calibrated) flatbuffer in execution order, labelled.
+
+    Conv-like ops (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED) take `labels` in order when the
+    counts match (PFLD's convs form one chain, so execution order is forward order); other ops
+    are labelled by what produced their first input.
+    """
+    interp = _interpreter(blob)
+    det = {t["index"]: t for t in interp.get_tensor_details()}
+    ops = interp._get_ops_details()  # no public op list; the TFLite debugger uses the same call
+    convs = [o for o in ops if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    use_labels = labels is not None and len(labels) == len(convs)
+    label_of_tensor: dict[int, str] = {}
+    out = []
+    k = 0
+    for o in ops:
+        t = int(o["outputs"][0])
+        if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            label = labels[k] if use_labels and labels is not None else f"{o['op_name'].lower()} #{k}"
+            k += 1
+        else:
+            src = next((label_of_tensor[int(i)] for i in o["inputs"] if int(i) in label_of_tensor), "input")
+            label = f"{o['op_name'].lower()} after {src}"
+        label_of_tensor[t] = label
+        out.append(OpInfo(index=int(o["index"]), op=o["op_name"], tensor=det[t]["name"], label=label,
+                          shape=tuple(int(v) for v in det[t]["shape"])))
+    return out
+
+
+def predict_blob(blob: bytes, preprocess: Preprocess, crops: np.ndarray) -> np.ndarray:
+    """Landmarks [N, P, 2] of an in-memory .tflite through the one TFLite Predictor."""
+    from ..runtime import open_predictor
+
+    with tempfile.TemporaryDirectory(prefix="pfld-mixed-") as tmp:
+        path = Path(tmp) / "candidate.tflite"
+        path.write_bytes(blob)  # a scratch file the predictor reads once; never a deliverable
+        return open_predictor(path, preprocess=preprocess).predict(crops)
+
+
+@dataclass
+class MixedConfig:
+    """Budget for the search and how far it may go."""
+
+    max_shift_px: float  # mean landmark shift on the search crops
+    max_p99_px: float | None = None  # 99th percentile of per-point shift; None: not checked
+    max_float_ops: int = 16  # give up beyond this many float ops (the model is no longer int8)
+    io_dtype: str = "float32"
+    prune: bool = True  # after meeting the budget, try each float op back in int8
+
+    def __post_init__(self) -> None:
+        if self.max_shift_px <= 0:
+            raise UsageError(f"--max-shift {self.max_shift_px} must be a positive number of pixels")
+        if self.max_p99_px is not None and self.max_p99_px <= 0:
+            raise UsageError(f"--max-shift-p99 {self.max_p99_px} must be a positive number of pixels")
+        if self.max_float_ops < 0:
+            raise UsageError(f"--max-float-ops {self.max_float_ops} must be >= 0")
+
+
+@dataclass
+class MixedStep:
+    """One candidate the search tried."""
+
+    float_ops: list[str]  # labels
+    shift: ShiftStats
+    met: bool
+
+
+@dataclass
+class MixedResult:
+    """The chosen model, which ops stayed float, and every step of the search."""
+
+    blob: bytes
+    float_ops: list[OpInfo]
+    shift: ShiftStats  # on the search crops
+    met: bool
+    steps: list[MixedStep] = field(default_factory=list)
+
+
+def _meets(s: ShiftStats, cfg: MixedConfig) -> bool:
+    return s.mean_px <= cfg.max_shift_px and (cfg.max_p99_px is None or s.p99_px <= cfg.max_p99_px)
+
+
+def _score(s: ShiftStats, cfg: MixedConfig) -> float:
+    """How far over budget (<= 1 means within): the worse of the two ratios."""
+    r = s.mean_px / cfg.max_shift_px
+    return max(r, s.p99_px / cfg.max_p99_px) if cfg.max_p99_px else r
+
+
+def search_mixed(
+    cal: Calibrated, ranking: Sequence[str], reference_points: np.ndarray, crops: np.ndarray, preprocess: Preprocess,
+    cfg: MixedConfig, progress: Progress | None = None,
+) -> MixedResult:
+    """Fewest float ops (greedy along `ranking`, most sensitive first, then pruned) for which
+    the int8 model's shift against `reference_points` on `crops` meets `cfg`.
+
+    Returns the best candidate found, with `met` False when even `cfg.max_float_ops` float ops
+    do not meet the budget (the caller decides whether that is an error).
+    """
+    by_tensor = {o.tensor: o for o in cal.ops}
+    unknown = [t for t in ranking if t not in by_tensor]
+    if unknown:
+        raise UsageError(f"ranking names {len(unknown)} tensors the model does not have (e.g. {unknown[0]!r})")
+    steps: list[MixedStep] = []
+
+    def trial(float_set: list[str]) -> tuple[bytes, ShiftStats]:
+        blob = cal.quantize(float_set, cfg.io_dtype)
+        s = shift_stats(reference_points, predict_blob(blob, preprocess, crops))
+        steps.append(MixedStep([by_tensor[t].label for t in float_set], s, _meets(s, cfg)))
+        if progress:
+            progress(f"{len(float_set)} float ops: mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px")
+        return blob, s
+
+    chosen: list[str] = []
+    blob, s = trial(chosen)
+    best = (blob, list(chosen), s)
+    for t in ranking:
+        if _meets(s, cfg) or len(chosen) >= cfg.max_float_ops:
+            break
+        chosen.append(t)
+        blob, s = trial(chosen)
+        if _score(s, cfg) < _score(best[2], cfg):
+            best = (blob, list(chosen), s)
+    met = _meets(best[2], cfg)
+    if met and cfg.prune:
+        blob, chosen, s = best
+        for t in list(chosen):  # most sensitive first: the ones most likely needed are tried first
+            trial_set = [c for c in chosen if c != t]
+            b2, s2 = trial(trial_set)
+            if _meets(s2, cfg):
+                blob, chosen, s = b2, trial_set, s2
+        best = (blob, chosen, s)
+    return MixedResult(blob=best[0], float_ops=[by_tensor[t] for t in best[1]], shift=best[2], met=met, steps=steps)
+
+
+def float_op_count(blob: bytes) -> dict[str, int]:
+    """Compute ops that run in float in a quantized model (by op type); QUANTIZE/DEQUANTIZE
+    at the model's borders and around float islands are not counted."""
+    interp = _interpreter(blob)
+    det = {t["index"]: t for t in interp.get_tensor_details()}
+    out: dict[str, int] = {}
+    for o in interp._get_ops_details():
+        if o["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        if np.dtype(det[int(o["outputs"][0])]["dtype"]) == np.float32:
+            out[o["op_name"]] = out.get(o["op_name"], 0) + 1
+    return out
+
+
+def latency_ratio(candidate: bytes, baseline: bytes, crop: np.ndarray, preprocess: Preprocess, runs: int = 50,
+                  repeats: int = 5, warmup: int = 5) -> tuple[float, float, float]:
+    """(candidate / baseline median latency ratio, candidate ms, baseline ms): XNNPACK, 1 thread,
+    the two models interleaved round by round, median over `repeats` of per-round medians.
+
+    In-process timing for a search decision and a report line, not a benchmark: the committed
+    figures come from `pfld-export bench` / benchmarks/.
+    """
+    from ..runtime import open_predictor
+
+    with tempfile.TemporaryDirectory(prefix="pfld-lat-") as tmp:
+        preds = []
+        for name, blob in (("candidate", candidate), ("baseline", baseline)):
+            p = Path(tmp) / f"{name}.tflite"
+            p.write_bytes(blob)
+            preds.append(open_predictor(p, preprocess=preprocess, threads=1))
+        times: list[list[float]] = [[], []]
+        ratios = []
+        for r in range(repeats):
+            meds = [0.0, 0.0]
+            for j in ((0, 1) if r % 2 == 0 else (1, 0)):
+                with preds[j].invoker(crop) as call:  # type: ignore[attr-defined]
+                    for _ in range(warmup):
+                        call()
+                    t = []
+                    for _ in range(runs):
+                        t0 = time.perf_counter_ns()
+                        call()
+                        t.append(time.perf_counter_ns() - t0)
+                meds[j] = float(np.median(t)) / 1e6
+                times[j].append(meds[j])
+            ratios.append(meds[0] / meds[1])
+    return float(np.median(ratios)), float(np.median(times[0])), float(np.median(times[1]))
+
+
+def default_environment() -> None:
+    """Keep TensorFlow's C++ info lines off the user's terminal (the CLI calls this)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

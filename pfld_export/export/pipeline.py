@@ -1,0 +1,235 @@
+"""`convert`: checkpoint or ONNX -> ONNX -> TFLite in the requested formats, proven at each step.
+
+    load ─▶ calibration + held-out crops ─▶ ONNX (+ ORT parity) ─▶ TFLite per format ─▶ validate ─▶ report
+
+Each stage is a function in this package; `convert` only wires them, times them and writes
+report.json. It never prints: progress goes to the `progress` callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .. import __version__
+from ..errors import BudgetError, UsageError
+from ..io import atomic_write_json
+from ..layouts import get_layout
+from ..preprocess import Preprocess
+from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, ONNX_META_MODEL, ONNX_META_PREPROCESS
+from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation
+from .formats import parse_size, select_formats
+from .onnx import PARITY_ATOL_PX, OnnxArtifact, OnnxConfig, ParityResult, check_parity, import_onnx, to_onnx
+from .tflite import TfliteArtifact, TfliteConfig, to_tflite
+from .validate import FormatValidation, ValidateConfig, nme_of, validate_tflite
+
+Progress = Callable[[str, "float | None"], None]  # (stage, None) at start, (stage, seconds) at the end
+_CKPT_SUFFIXES = (".tar", ".pth", ".pt", ".ckpt", ".bin")
+
+
+@dataclass
+class ConvertConfig:
+    """Everything `pfld-export convert` takes."""
+
+    model: Path
+    out_dir: Path = Path("out/convert")
+    formats: str | tuple[str, ...] | None = None  # None: formats.DEFAULT_FORMATS (or INT8_PRESET with int8)
+    int8: bool = False
+    calib: str | None = None  # folder of face images or dataset spec; None: `synthetic`
+    calib_count: int = DEFAULT_COUNT
+    val_images: str | None = None
+    val_count: int = DEFAULT_VAL_COUNT
+    eval_data: str | None = None
+    size_budget: int | str = 2_000_000
+    name: str | None = None
+    width: float | None = None  # only checked: width belongs to the trained weights
+    color: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    keep_onnx: bool = False
+    seed: int = 0
+    opset: int = 13
+    parity_atol_px: float = PARITY_ATOL_PX
+    detector: Any | None = None  # detect.Detector for folder calibration; default detector when None
+    cache_dir: Path | None = None  # where synthetic faces are generated
+
+
+@dataclass
+class Source:
+    """The loaded input: its float reference predictor and how to make its ONNX."""
+
+    kind: str  # checkpoint | onnx
+    path: Path
+    preprocess: Preprocess
+    reference: Predictor
+    model: dict[str, Any] | None
+    loaded: Any | None = None  # checkpoint.LoadedModel for checkpoints
+
+
+@dataclass
+class ConvertReport:
+    """What `convert` did and found; report.json is this, serialised."""
+
+    source: str
+    source_kind: str
+    reference: str  # backend the shifts are measured against (torch, or onnx for ONNX input)
+    model: dict[str, Any] | None
+    preprocess: dict[str, Any]
+    calibration: str
+    validation: str
+    onnx: OnnxArtifact
+    onnx_kept: bool
+    parity: ParityResult
+    artifacts: list[TfliteArtifact]
+    formats: list[FormatValidation]
+    size_budget: int
+    eval_data: str | None
+    reference_nme: float | None
+    timings: dict[str, float]
+    report_path: Path
+    tool_version: str = __version__
+    passed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.passed = all(f.passed for f in self.formats)
+
+    def raise_for_budgets(self) -> None:
+        """BudgetError naming each failed check, if any format failed one."""
+        bad = [f"{f.format} {c.name} ({c.detail})" for f in self.formats for c in f.failures]
+        if bad:
+            raise BudgetError(f"{len(bad)} budget check(s) failed: {'; '.join(bad)}; see {self.report_path}")
+
+
+def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertReport:
+    """Run every stage; returns the report (budget failures are in it, not raised: see
+    `ConvertReport.raise_for_budgets`). Typed errors for bad input, failed conversions and
+    ONNX parity."""
+    formats = select_formats(cfg.formats, cfg.int8)
+    size_budget = parse_size(cfg.size_budget)
+    out = _writable_dir(Path(cfg.out_dir))
+    timings: dict[str, float] = {}
+    stage = _stage_timer(timings, progress)
+    with stage("load"):
+        src = load_source(cfg)
+    name = cfg.name or _stem(src.path)
+    vcfg = ValidateConfig(size_budget=size_budget)
+    if cfg.eval_data:  # before converting: a bad spec or point layout should fail in seconds
+        with stage("reference NME"):
+            from ..data.specs import load_spec
+
+            vcfg.eval_records = load_spec(cfg.eval_data, cache_dir=cfg.cache_dir).records
+            vcfg.reference_nme = nme_of(src.reference, vcfg.eval_records)
+    with stage("calibration crops"):
+        calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.val_images, src.preprocess, cfg.calib_count,
+                                                cfg.val_count, cfg.seed, cfg.detector, cfg.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="pfld-convert-") as tmp:
+        ocfg = OnnxConfig(path=(out if cfg.keep_onnx else Path(tmp)) / f"{name}.onnx", opset=cfg.opset, source=str(src.path))
+        with stage("onnx"):
+            art = to_onnx(src.loaded, ocfg) if src.kind == "checkpoint" else import_onnx(src.path, src.preprocess, ocfg)
+        with stage("onnx parity"):
+            ref_points = src.reference.predict(val.crops)
+            parity = check_parity(src.reference, open_predictor(art.path), val.crops, cfg.parity_atol_px, ref_points)
+        with stage("tflite"):
+            tcfg = TfliteConfig(out_dir=out, name=name, source=str(src.path))
+            artifacts = to_tflite(art, formats, calib, tcfg, progress=lambda f: progress and progress(f"tflite {f}", None))
+    if not cfg.keep_onnx:  # the temp file is gone; the report names it without a dangling path
+        art = dataclasses.replace(art, path=Path(art.path.name))
+    with stage("validate"):
+        by_name = {f.name: f for f in formats}
+        rows = [validate_tflite(a, by_name[a.format], ref_points, val.crops, vcfg) for a in artifacts]
+    report = ConvertReport(
+        source=str(src.path), source_kind=src.kind, reference=src.reference.backend, model=src.model,
+        preprocess=src.preprocess.to_dict(), calibration=calib.description, validation=val.description, onnx=art,
+        onnx_kept=cfg.keep_onnx, parity=parity, artifacts=artifacts, formats=rows, size_budget=size_budget,
+        eval_data=cfg.eval_data, reference_nme=vcfg.reference_nme, timings=timings, report_path=out / "report.json",
+    )
+    from ..report import to_jsonable
+
+    atomic_write_json(report.report_path, to_jsonable(report))
+    return report
+
+
+def load_source(cfg: ConvertConfig) -> Source:
+    """Checkpoint (ours or PFLD-pytorch) or ONNX, with preprocessing overrides and the --width check."""
+    path = Path(cfg.model)
+    if not path.is_file():
+        raise UsageError(f"model {path} does not exist; pass a checkpoint (.pth/.pth.tar) or an .onnx file")
+    override = {k: v for k, v in (("color", cfg.color), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+    if path.suffix.lower() == ".onnx":
+        meta = onnx_metadata(path)
+        if ONNX_META_PREPROCESS not in meta and not override:
+            raise UsageError(
+                f"{path.name} carries no preprocessing metadata; say how it was trained with "
+                "--color RGB|BGR --mean M --std S (e.g. GhostOne PFLD: --color RGB --mean 0.5 --std 0.5)"
+            )
+        model = _json_or_none(meta.get(ONNX_META_MODEL))
+        _check_width(cfg.width, model["width"] if model else None, path)
+        base = Preprocess.from_dict(_json_or_none(meta.get(ONNX_META_PREPROCESS)) or {})
+        ref = open_predictor(path, preprocess=dataclasses.replace(base, **override))
+        if ONNX_META_PREPROCESS not in meta:  # a foreign model's layout follows from its point count
+            base = dataclasses.replace(base, layout=get_layout(ref.num_points).name)
+        pre = dataclasses.replace(base, **override)
+        ref.preprocess = pre
+        return Source(kind="onnx", path=path, preprocess=pre, reference=ref, model=model)
+    from ..checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path)
+    _check_width(cfg.width, loaded.meta.model.width, path)
+    pre = dataclasses.replace(loaded.meta.preprocess, **override)
+    loaded.meta.preprocess = pre
+    ref = TorchPredictor(path=path, preprocess=pre, module=loaded.inference_model(), num_points=loaded.meta.model.points, name=path.name)
+    return Source(kind="checkpoint", path=path, preprocess=pre, reference=ref, model=loaded.meta.model.to_dict(), loaded=loaded)
+
+
+def _check_width(asked: float | None, actual: float | None, path: Path) -> None:
+    if asked is None or asked == actual:
+        return
+    if actual is None:
+        raise UsageError(f"--width {asked} cannot be checked: {path.name} records no width; drop --width (conversion never changes it)")
+    raise UsageError(
+        f"--width {asked} contradicts {path.name}, whose weights are a {actual}X model: width is a property of the "
+        f"trained weights, not a conversion setting; train a {asked}X model with `pfld-export train --width {asked}` and convert that"
+    )
+
+
+def _json_or_none(text: str | None) -> Any:
+    import json
+
+    return json.loads(text) if text else None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    while Path(name).suffix.lower() in _CKPT_SUFFIXES + (".onnx",):
+        name = Path(name).stem
+    return name
+
+
+def _writable_dir(out: Path) -> Path:
+    """Fail before minutes of work, not after: the folder exists (or can) and takes a file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"output folder {out} is not writable ({e.strerror}); choose a writable --out") from None
+    return out
+
+
+def _stage_timer(timings: dict[str, float], progress: Progress | None) -> Callable[[str], Any]:
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if progress:
+            progress(name, None)
+        t = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t, 3)
+        if progress:
+            progress(name, timings[name])
+
+    return stage

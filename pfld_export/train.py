@@ -1,0 +1,665 @@
+"""Train PFLD: `train(TrainConfig) -> TrainResult`, writing `<out>/best.pth`, `last.pth`, `history.json`.
+
+Adam with the paper's defaults (betas 0.9/0.999, lr 1e-4, weight decay 1e-6, batch 256) on
+real data. The synthetic set is a different regime (a few thousand easy faces, a 3-epoch demo on
+2 CPU cores), so it gets its own documented defaults in `DEFAULTS` (higher lr, smaller batch,
+so that the demo takes a few hundred steps). The lr schedule (`schedule`) is a short linear
+warm-up then cosine decay to 1 % per step ("cosine", default), or "constant" (PFLD-pytorch's
+ReduceLROnPlateau with patience 40 is effectively constant for runs this short).
+
+Run-defining options left at None take the defaults (or, with `resume`, the resumed run's values;
+with `init`, the init checkpoint's width / conv2 / head_bn). Validation NME is measured every epoch
+with `evaluate.evaluate` through a `TorchPredictor` around the in-memory network, on a held-out
+split (`val_fraction`) or a separate `val_data` spec.
+
+Checkpoints are our format (`checkpoint.save_checkpoint`): metadata carries the resolved config,
+data spec, epoch and metrics; `extra` carries what `resume` needs (optimizer state, schedule
+position, epoch, RNG state, history) as tensors and plain Python only, so they load with
+`torch.load(weights_only=True)`. Every sample is a pure function of (seed, epoch, index) (see
+`data/dataset.py`) and the batch order of (seed, epoch), so a run resumed from an epoch boundary
+reproduces the uninterrupted run's weights. Ctrl-C saves a resumable `last.pth` (the interrupted
+epoch is redone from its start on resume, over the partly-trained weights) and re-raises.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, DataError, UsageError
+from .io import atomic_write_json
+from .layouts import PointLayout, get_layout
+from .loss import LossOutput, class_frequencies, get_loss
+from .model import PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
+from .preprocess import Preprocess
+
+Device = Literal["auto", "cpu", "cuda"]
+
+# Defaults for run-defining options left at None, by data kind (the spec's prefix). Real data:
+# the paper. Synthetic: measured for the 3-epoch demo on 2 CPU cores (benchmarks/training.md).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"lr": 2e-3, "batch": 32, "count": 3000},
+    "wflw": {"lr": 1e-4, "batch": 256},
+    "300w": {"lr": 1e-4, "batch": 256},
+}
+_FALLBACK = {"lr": 1e-4, "batch": 256}
+SCHEDULES = ("cosine", "constant")
+ATTRIBUTE_WEIGHTING = ("batch", "dataset")
+
+# Options that define a run: a resumed run keeps them; None means "default / as saved".
+_RUN_KEYS = ("data", "val_data", "val_fraction", "width", "points", "conv2", "batch", "lr", "weight_decay",
+             "loss", "schedule", "warmup_steps", "seed", "augment", "attribute_weighting", "init")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `pfld-export train` can set. None = default (see the module docstring)."""
+
+    out: Path = Path("out/train")
+    data: str | None = None  # wflw:DIR | 300w:DIR | synthetic[:N[:SEED]]; None: "synthetic"
+    val_data: str | None = None  # a separate validation spec; else a held-out split of `data`
+    val_fraction: float | None = None  # None: 0.1
+    width: float | None = None  # None: 0.25, or the --init checkpoint's (width is a property of weights)
+    points: int | None = None  # None: the data layout's point count (must match it)
+    conv2: str | None = None  # "full" | "depthwise"; None: "full", or --init's
+    epochs: int = 3  # total epochs (with --resume: train until this many are done)
+    batch: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None  # None: 1e-6
+    loss: str | None = None  # pfld | l2 | wing; None: pfld
+    schedule: str | None = None  # cosine | constant; None: cosine
+    warmup_steps: int | None = None  # None: min(100, 5 % of all steps)
+    resume: Path | None = None
+    init: Path | None = None
+    seed: int | None = None  # None: 0
+    device: Device = "auto"
+    workers: int = 0  # DataLoader workers: 0 or 1 on a 2-core machine
+    threads: int | None = None  # torch threads while training (restored after); None: `auto_threads()`
+    augment: bool | None = None  # None: True
+    attribute_weighting: str | None = None  # batch (the paper) | dataset; None: batch
+    cache_dir: Path | None = None  # where load_spec keeps generated synthetic sets
+    strict: bool = False  # refuse datasets with unusable annotation lines
+    eval_initial: bool = True  # measure the untrained network's val NME first (epoch 0)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.width is not None and self.width not in WIDTHS:
+            raise UsageError(f"--width {self.width} is not supported; choose one of {', '.join(map(str, WIDTHS))}")
+        if self.points is not None and self.points < 1:
+            raise UsageError(f"--points must be a positive count, got {self.points}")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch is not None and self.batch < 2:
+            raise UsageError(f"--batch must be at least 2 (batch norm needs 2 faces per batch), got {self.batch}")
+        if self.lr is not None and not (0 < self.lr < 1):
+            raise UsageError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.val_fraction is not None and not (0 <= self.val_fraction < 1):
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.workers not in (0, 1):
+            raise UsageError(f"--workers must be 0 or 1 (2-core machines), got {self.workers}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.attribute_weighting is not None and self.attribute_weighting not in ATTRIBUTE_WEIGHTING:
+            raise UsageError(f"attribute_weighting must be one of {ATTRIBUTE_WEIGHTING}, got {self.attribute_weighting!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.resume is not None and self.init is not None:
+            raise UsageError("--resume continues a run and --init starts a new one from weights; pass only one")
+        if self.loss is not None:
+            get_loss(self.loss)  # raises with the list of names
+
+
+@dataclass
+class TrainEvent:
+    """Progress report: kind is "setup" (message), "preload" (step/steps faces), "step",
+    "epoch" (summary in `record`)."""
+
+    kind: str
+    epoch: int = 0  # 1-based
+    epochs: int = 0
+    step: int = 0  # 1-based within the epoch
+    steps: int = 0
+    loss: float = float("nan")
+    lr: float = float("nan")
+    message: str = ""
+    record: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What `train` made: checkpoint paths, per-epoch history, the best validation NME."""
+
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history_file: Path
+    history: list[dict[str, Any]]
+    best_val_nme: float | None
+    best_epoch: int
+    initial_val_nme: float | None
+    wall_s: float
+    config: dict[str, Any] = field(default_factory=dict)
+    train_faces: int = 0
+    val_faces: int = 0
+    device: str = "cpu"
+
+
+Progress = Callable[[TrainEvent], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration resolution
+
+
+def data_kind(spec: str) -> str:
+    """"wflw:/data/WFLW" -> "wflw"; "synthetic:500" -> "synthetic"."""
+    return spec.split(":", 1)[0].strip().lower()
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA if present, else CPU; "cuda" without CUDA is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible to torch; use --device cpu (or auto)")
+    return torch.device(device)
+
+
+def _resolve(cfg: TrainConfig, saved: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fill None options: from the resumed run (`saved`), else from the defaults table."""
+    run = {k: getattr(cfg, k) for k in _RUN_KEYS}
+    run["init"] = str(cfg.init) if cfg.init is not None else None
+    if saved is not None:
+        for k in _RUN_KEYS:
+            if k == "init":
+                run[k] = saved.get(k)
+                continue
+            if run[k] is not None and k in saved and saved[k] != run[k]:
+                raise UsageError(
+                    f"--resume continues the saved run, which has {k}={saved[k]!r}, but {k}={run[k]!r} was given; "
+                    "drop that option, or start a new run with --init CKPT to fine-tune from these weights"
+                )
+            if run[k] is None:
+                run[k] = saved.get(k)
+        return run
+    if run["data"] is None:
+        run["data"] = "synthetic"
+    kind = data_kind(run["data"])
+    d = DEFAULTS.get(kind, _FALLBACK)
+    if run["data"] == "synthetic" and "count" in d:
+        # The bare spec means "the demo set": sized for the 3-epoch demo, not load_spec's default.
+        run["data"] = f"synthetic:{d['count']}"
+    run["lr"] = run["lr"] if run["lr"] is not None else d["lr"]
+    run["batch"] = run["batch"] if run["batch"] is not None else d["batch"]
+    for k, v in (("val_fraction", 0.1), ("weight_decay", 1e-6), ("loss", "pfld"), ("schedule", "cosine"),
+                 ("seed", 0), ("augment", True), ("attribute_weighting", "batch")):
+        if run[k] is None:
+            run[k] = v
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def _as_layout(layout: Any) -> PointLayout:
+    return layout if isinstance(layout, PointLayout) else get_layout(layout)
+
+
+def load_data(run: Mapping[str, Any], cfg: TrainConfig) -> tuple[list[Any], list[Any], PointLayout, str]:
+    """(train records, val records, layout, description) for a resolved run."""
+    from .data.specs import load_spec, split
+
+    data = load_spec(run["data"], strict=cfg.strict, cache_dir=cfg.cache_dir)
+    layout = _as_layout(data.layout)
+    if run["val_data"]:
+        val = load_spec(run["val_data"], strict=cfg.strict, cache_dir=cfg.cache_dir)
+        if _as_layout(val.layout).num_points != layout.num_points:
+            raise UsageError(
+                f"--val-data {run['val_data']} has {_as_layout(val.layout).num_points} points but --data has "
+                f"{layout.num_points}; validate on the same layout"
+            )
+        train_records, val_records = list(data.records), list(val.records)
+    elif run["val_fraction"] > 0:
+        train_records, val_records = split(data.records, run["val_fraction"], run["seed"])
+        train_records, val_records = list(train_records), list(val_records)
+    else:
+        train_records, val_records = list(data.records), []
+    if len(train_records) < 2:
+        raise DataError(f"--data {run['data']} left {len(train_records)} training faces; training needs at least 2")
+    return train_records, val_records, layout, getattr(data, "description", run["data"])
+
+
+def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch). A trailing batch of
+    one face is dropped: batch norm cannot normalise a single 1x1 feature (aux net, head)."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(n).tolist()
+    out = [order[i : i + batch] for i in range(0, n, batch)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out.pop()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The step, the schedule, validation
+
+
+def lr_at(step: int, total: int, base_lr: float, schedule: str, warmup: int) -> float:
+    """Learning rate before optimizer step `step` (0-based) of `total`."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t))))
+
+
+def train_step(
+    model: PFLD,
+    aux: AuxiliaryNet,
+    batch: Mapping[str, torch.Tensor],
+    loss_name: str,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device = torch.device("cpu"),
+    class_freq: torch.Tensor | None = None,
+) -> LossOutput:
+    """One optimisation step on a batch from `FaceDataset` (the networks must be in train mode)."""
+    fn, uses_pose = get_loss(loss_name)
+    x = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device)
+    tap, out = model(x)
+    angles = aux(tap) if uses_pose else None
+    lo = fn(
+        out.reshape(out.shape[0], -1, 2), target, angles, batch["pose"].to(device), batch["attributes"].to(device),
+        pose_valid=batch["pose_valid"].to(device), class_freq=class_freq,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    lo.total.backward()
+    optimizer.step()
+    return lo
+
+
+class _OnDevice(nn.Module):
+    """Feed a CPU batch to a network on another device and bring landmarks back (TorchPredictor
+    works in numpy on the CPU)."""
+
+    def __init__(self, net: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.net, self.device = net, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.device)).cpu()
+
+
+def validation_nme(model: PFLD, preprocess: Preprocess, records: Sequence[Any], device: torch.device, path: Path) -> float:
+    """Mean NME of the in-memory network on `records` via `evaluate.evaluate` (model left in eval
+    mode; the caller switches back)."""
+    from .evaluate import EvalConfig, evaluate
+    from .runtime import TorchPredictor
+
+    net: nn.Module = LandmarkModel(model).eval()
+    if device.type != "cpu":
+        net = _OnDevice(net, device)
+    pred = TorchPredictor(path=path, preprocess=preprocess, module=net, num_points=model.config.points, name="training")
+    return float(evaluate(pred, list(records), EvalConfig(), progress=None).nme_mean)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _plain(v: Any) -> Any:
+    """Config values -> plain Python for metadata (Paths become strings)."""
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+@dataclass
+class _State:
+    """The mutable state of a run, in one place (what a checkpoint stores)."""
+
+    model: PFLD
+    aux: AuxiliaryNet
+    optimizer: torch.optim.Optimizer
+    preprocess: Preprocess
+    run: dict[str, Any]
+    epoch: int = 0  # completed epochs
+    global_step: int = 0
+    total_steps: int = 0
+    warmup: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_nme: float | None = None
+    best_epoch: int = 0
+    initial_val_nme: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    data_info: dict[str, Any] = field(default_factory=dict)
+
+
+def _meta(st: _State, metrics: dict[str, Any]) -> CheckpointMeta:
+    training = {"config": _plain(st.run), "data": st.run["data"], "val_data": st.run["val_data"], "epoch": st.epoch,
+                **st.data_info}
+    return CheckpointMeta(model=st.model.config, preprocess=st.preprocess, source_format="pfld-export",
+                          provenance=dict(st.provenance), metrics=_plain(metrics), training=training)
+
+
+def _extra(st: _State, interrupted: bool) -> dict[str, Any]:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "epoch": st.epoch,
+        "optimizer": st.optimizer.state_dict(),
+        "scheduler": {"kind": st.run["schedule"], "step": st.global_step, "total": st.total_steps, "warmup": st.warmup},
+        "rng": rng,
+        "history": _plain(st.history),
+        "best_val_nme": st.best_val_nme,
+        "best_epoch": st.best_epoch,
+        "initial_val_nme": st.initial_val_nme,
+        "interrupted": interrupted,
+    }
+
+
+def _save(st: _State, path: Path, metrics: dict[str, Any], interrupted: bool = False) -> Path:
+    # CUDA tensors are fine: load_checkpoint maps everything to the CPU.
+    return save_checkpoint(path, st.model, _meta(st, metrics), st.aux, extra=_extra(st, interrupted))
+
+
+def _write_history(st: _State, path: Path, wall_s: float) -> None:
+    atomic_write_json(path, {
+        "config": _plain(st.run), "epochs": st.history, "best_val_nme": st.best_val_nme, "best_epoch": st.best_epoch,
+        "initial_val_nme": st.initial_val_nme, "wall_s": round(wall_s, 2), **st.data_info,
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Building the networks
+
+
+def _build_from_init(init: Path, run: dict[str, Any], layout: PointLayout) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
+    loaded = load_checkpoint(init)
+    mc = loaded.meta.model
+    if run["width"] is not None and float(run["width"]) != mc.width:
+        raise UsageError(
+            f"--width {run['width']} contradicts --init {init}, whose weights have width {mc.width}: width is a property "
+            "of trained weights; drop --width (it is taken from the init checkpoint) or train from scratch without --init"
+        )
+    if run["conv2"] is not None and run["conv2"] != mc.conv2:
+        raise UsageError(
+            f"--conv2 {run['conv2']} contradicts --init {init}, whose weights have conv2={mc.conv2}; drop --conv2"
+        )
+    run["width"], run["conv2"] = mc.width, mc.conv2
+    model, aux = build_model(mc.width, layout.num_points, mc.conv2, mc.head_bn)
+    sd = loaded.model.state_dict()
+    new_head = mc.points != layout.num_points
+    if new_head:
+        # A different point count: keep the backbone, start a fresh FC (the only point-sized layer).
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        raise CheckpointError(f"--init {init}: weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if loaded.aux is not None:
+        aux.load_state_dict(loaded.aux.state_dict())
+    # The weights were trained with the init checkpoint's input normalisation: keep it.
+    pre = Preprocess.from_dict({**loaded.meta.preprocess.to_dict(), "layout": layout.name})
+    info = {"init": str(init), "init_points": mc.points, "new_head": new_head, "init_source_format": loaded.meta.source_format,
+            "init_had_aux": loaded.aux is not None}
+    return model, aux, pre, info
+
+
+def mean_shape(records: Sequence[Any], crop_scale: float = 1.2) -> np.ndarray:
+    """Mean landmark position [P, 2] in 0..1 crop units over plain 1.2x landmark-box crops."""
+    acc = None
+    for r in records:
+        p = np.asarray(r.points, np.float64)
+        lo, hi = p.min(0), p.max(0)
+        side = float((hi - lo).max()) * crop_scale
+        q = (p - ((lo + hi) / 2.0 - side / 2.0)) / side
+        acc = q if acc is None else acc + q
+    return acc / max(1, len(records)) if acc is not None else np.full((0, 2), 0.5)
+
+
+def init_head(model: PFLD, shape01: np.ndarray) -> None:
+    """Start a fresh FC head at the mean shape: bias = mean landmarks, weights scaled by 0.1.
+
+    A randomly initialised head starts ~0.5 crop widths off on every point, and the first
+    hundreds of steps go into learning the average face; starting there spends them on the
+    faces instead (same network, same loss; it matters for short runs such as the demo).
+    """
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.from_numpy(np.asarray(shape01, np.float32).reshape(-1)))
+        model.fc.weight.mul_(0.1)
+
+
+def _build(run: dict[str, Any], layout: PointLayout) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
+    if run["points"] is not None and int(run["points"]) != layout.num_points:
+        raise UsageError(
+            f"--points {run['points']} but the data has {layout.num_points} points ({layout.name}); "
+            "the point count comes from the data: drop --points or use data with that layout"
+        )
+    run["points"] = layout.num_points
+    if run["init"]:
+        return _build_from_init(Path(run["init"]), run, layout)
+    run["width"] = 0.25 if run["width"] is None else float(run["width"])
+    run["conv2"] = run["conv2"] or "full"
+    model, aux = build_model(run["width"], layout.num_points, run["conv2"])
+    return model, aux, Preprocess(layout=layout.name), {}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Train (or resume, or fine-tune) a PFLD network; see the module docstring.
+
+    Writes `<out>/best.pth` (lowest validation NME; lowest training loss without validation),
+    `<out>/last.pth` (resumable) and `<out>/history.json`. Raises typed `PfldError`s for bad
+    input; re-raises KeyboardInterrupt after saving a resumable `last.pth`.
+    """
+    prev_threads = torch.get_num_threads()
+    threads = cfg.threads or auto_threads()
+    if threads:
+        # Thread count is process state in torch: set it for the run, give it back afterwards.
+        torch.set_num_threads(threads)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def auto_threads() -> int | None:
+    """1 when the machine is already busy (1-minute load average >= its cores), else None (torch's
+    default, one per core). Measured on a 2-core machine shared with other jobs: a training step
+    with 2 OpenMP threads took 5x longer than with 1, because each thread waits for the other's
+    preempted slice; on an idle machine 2 threads are faster (benchmarks/training.md)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+    return 1 if load >= (os.cpu_count() or 1) else None
+
+
+def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
+    from torch.utils.data import DataLoader
+
+    from .data.augment import AugmentConfig
+    from .data.dataset import DatasetConfig, FaceDataset, worker_init
+
+    t0 = time.perf_counter()
+
+    def emit(ev: TrainEvent) -> None:
+        if progress is not None:
+            progress(ev)
+
+    device = resolve_device(cfg.device)
+    resumed = load_checkpoint(cfg.resume) if cfg.resume is not None else None
+    saved_run: dict[str, Any] | None = None
+    if resumed is not None:
+        if "optimizer" not in resumed.extra or not resumed.meta.training.get("config"):
+            raise UsageError(
+                f"{cfg.resume} holds no training state (not a `pfld-export train` checkpoint); "
+                f"use --init {cfg.resume} to fine-tune from its weights instead"
+            )
+        saved_run = dict(resumed.meta.training["config"])
+    run = _resolve(cfg, saved_run)
+    seed = int(run["seed"])
+    torch.manual_seed(seed)  # here, never at import: model init and any torch randomness follow --seed
+
+    emit(TrainEvent("setup", message=f"loading {run['data']}"))
+    train_records, val_records, layout, description = load_data(run, cfg)
+
+    if resumed is not None:
+        model, aux = resumed.model, resumed.aux or AuxiliaryNet(resumed.model.tap_channels)
+        preprocess = resumed.meta.preprocess
+        if resumed.meta.model.points != layout.num_points:
+            raise UsageError(f"{cfg.resume} predicts {resumed.meta.model.points} points but the data has {layout.num_points}")
+        provenance = dict(resumed.meta.provenance)
+        provenance.pop("saved_at", None)
+        provenance["resumed_from"] = str(cfg.resume)
+    else:
+        model, aux, preprocess, init_info = _build(run, layout)
+        provenance = {"trained_by": "pfld-export train", **init_info}
+        if init_info.get("new_head", True):  # from scratch, or --init with another point count
+            init_head(model, mean_shape(train_records))
+    model.to(device).train()
+    aux.to(device).train()
+
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(aux.parameters()), lr=run["lr"],
+                                 betas=(0.9, 0.999), weight_decay=run["weight_decay"])
+    aug = AugmentConfig() if run["augment"] else None
+    emit(TrainEvent("setup", message=f"cropping {len(train_records)} training faces"))
+    ds = FaceDataset(train_records, layout, preprocess, DatasetConfig(augment=aug, seed=seed),
+                     progress=lambda i, n: emit(TrainEvent("preload", step=i, steps=n)))
+    class_freq = (class_frequencies(torch.from_numpy(ds.attribute_matrix())).to(device)
+                  if run["attribute_weighting"] == "dataset" else None)
+
+    steps_per_epoch = len(epoch_batches(len(ds), int(run["batch"]), seed, 0))
+    st = _State(model=model, aux=aux, optimizer=optimizer, preprocess=preprocess, run=run, provenance=provenance,
+                data_info={"train_faces": len(train_records), "val_faces": len(val_records), "layout": layout.name,
+                           "data_description": description})
+    st.total_steps = steps_per_epoch * cfg.epochs
+    st.warmup = int(run["warmup_steps"]) if run["warmup_steps"] is not None else min(100, st.total_steps // 20)
+    if resumed is not None:
+        ex = resumed.extra
+        st.epoch = int(ex.get("epoch", 0))
+        if st.epoch >= cfg.epochs:
+            raise UsageError(f"{cfg.resume} has already trained {st.epoch} epochs; pass --epochs larger than {st.epoch} to continue")
+        optimizer.load_state_dict(ex["optimizer"])
+        sch = ex.get("scheduler", {})
+        st.global_step = int(sch.get("step", st.epoch * steps_per_epoch))
+        st.warmup = int(sch.get("warmup", st.warmup))
+        st.history = [dict(h) for h in ex.get("history", [])]
+        st.best_val_nme = ex.get("best_val_nme")
+        st.best_epoch = int(ex.get("best_epoch", 0))
+        st.initial_val_nme = ex.get("initial_val_nme")
+        rng = ex.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+
+    out = cfg.out
+    best_path, last_path, hist_path = out / "best.pth", out / "last.pth", out / "history.json"
+    if val_records and cfg.eval_initial and resumed is None:
+        emit(TrainEvent("setup", message=f"validating the untrained network on {len(val_records)} faces"))
+        st.initial_val_nme = validation_nme(model, preprocess, val_records, device, last_path)
+        model.train()
+
+    best_loss = math.inf
+    if st.best_val_nme is None and st.history:
+        best_loss = min(h["train_loss"] for h in st.history)
+    try:
+        for epoch in range(st.epoch, cfg.epochs):
+            te = time.perf_counter()
+            ds.set_epoch(epoch)
+            batches = epoch_batches(len(ds), int(run["batch"]), seed, epoch)
+            loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, worker_init_fn=worker_init,
+                                pin_memory=device.type == "cuda")
+            model.train()
+            aux.train()
+            sums = {"loss": 0.0, "l2": 0.0, "angle": 0.0}
+            n_seen = 0
+            for i, batch in enumerate(loader):
+                lr = lr_at(st.global_step, st.total_steps, run["lr"], run["schedule"], st.warmup)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                lo = train_step(model, aux, batch, run["loss"], optimizer, device, class_freq)
+                v = float(lo.total.detach())
+                if not math.isfinite(v):
+                    raise UsageError(
+                        f"training diverged at epoch {epoch + 1} step {i + 1} (loss {v}); lower --lr (it is {run['lr']:g})"
+                    )
+                nb = int(batch["image"].shape[0])
+                n_seen += nb
+                sums["loss"] += v * nb
+                sums["l2"] += float(lo.landmark_l2) * nb
+                sums["angle"] += float(lo.angle) * nb if lo.angle is not None else 0.0
+                st.global_step += 1
+                emit(TrainEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=i + 1, steps=len(batches), loss=v, lr=lr))
+            st.epoch = epoch + 1
+            rec: dict[str, Any] = {
+                "epoch": st.epoch,
+                "train_loss": sums["loss"] / max(1, n_seen),
+                "train_l2": sums["l2"] / max(1, n_seen),
+                "lr": lr_at(st.global_step - 1, st.total_steps, run["lr"], run["schedule"], st.warmup),
+                "steps": len(batches),
+            }
+            if run["loss"] == "pfld":
+                rec["train_angle"] = sums["angle"] / max(1, n_seen)
+            if val_records:
+                rec["val_nme"] = validation_nme(model, preprocess, val_records, device, last_path)
+                model.train()
+            rec["seconds"] = round(time.perf_counter() - te, 2)
+            st.history.append(rec)
+            # Best = lowest validation NME; without a validation set, lowest training loss.
+            if val_records:
+                improved = st.best_val_nme is None or rec["val_nme"] < st.best_val_nme
+                if improved:
+                    st.best_val_nme = rec["val_nme"]
+            else:
+                improved = rec["train_loss"] < best_loss
+                if improved:
+                    best_loss = rec["train_loss"]
+            if improved:
+                st.best_epoch = st.epoch
+            metrics = {k: rec[k] for k in ("train_loss", "val_nme") if k in rec} | {"epoch": st.epoch}
+            _save(st, last_path, metrics)
+            if improved:
+                _save(st, best_path, metrics)
+            _write_history(st, hist_path, time.perf_counter() - t0)
+            emit(TrainEvent("epoch", epoch=st.epoch, epochs=cfg.epochs, loss=rec["train_loss"], lr=rec["lr"], record=dict(rec)))
+    except KeyboardInterrupt:
+        # Resumable: weights and optimizer as they are now; `epoch` counts only completed epochs,
+        # so --resume redoes the interrupted one.
+        _save(st, last_path, {"epoch": st.epoch, "interrupted": True}, interrupted=True)
+        _write_history(st, hist_path, time.perf_counter() - t0)
+        raise
+    if not best_path.exists():  # e.g. a resumed run whose earlier best lives elsewhere
+        _save(st, best_path, {"epoch": st.epoch})
+    return TrainResult(
+        best_checkpoint=best_path, last_checkpoint=last_path, history_file=hist_path, history=st.history,
+        best_val_nme=st.best_val_nme, best_epoch=st.best_epoch, initial_val_nme=st.initial_val_nme,
+        wall_s=time.perf_counter() - t0, config=_plain(run), train_faces=len(train_records), val_faces=len(val_records),
+        device=str(device),
+    )
+
+
+__all__ = [
+    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "train", "train_step", "lr_at", "epoch_batches",
+    "validation_nme", "resolve_device", "data_kind", "load_data",
+]

@@ -1,0 +1,215 @@
+"""The regression gate: comparison logic on synthetic baselines, the baselines file, the CLI,
+and (slow) the real end-to-end gate against the committed models/baselines.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pfld_export.check import (
+    METRICS,
+    SCHEMA,
+    Tolerances,
+    baseline_document,
+    compare,
+    load_baseline,
+    same_cpu,
+    write_baseline,
+)
+from pfld_export.cli import main
+from pfld_export.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "models" / "baselines.json"
+MACHINE = {"cpu": "AMD EPYC", "logical_cores": 2}
+
+
+def _measured(**overrides: float) -> dict:
+    """A measurement shaped like `check.measure`'s, with per-metric overrides `fmt__metric=value`."""
+    arts = {
+        "torch": {"nme": 0.080, "latency_ms": 3.6},
+        "fp32": {"bytes": 1_262_780, "latency_ratio": 0.17, "nme": 0.081, "shift_mean_px": 0.002, "shift_max_px": 0.01},
+        "int8": {"bytes": 404_160, "latency_ratio": 0.10, "nme": 0.085, "shift_mean_px": 0.6, "shift_max_px": 2.5},
+    }
+    for k, v in overrides.items():
+        fmt, metric = k.split("__")
+        arts[fmt][metric] = v
+    return {"recorded": {"machine": dict(MACHINE), "date": "2026-01-01T00:00:00+00:00"},
+            "models": {"pfld025": {"artifacts": arts}}}
+
+
+def _baseline(tol: Tolerances | None = None) -> dict:
+    return baseline_document(_measured(), tol or Tolerances())
+
+
+def _status(items, artifact: str, metric: str) -> str:
+    return next(i.status for i in items if i.artifact == artifact and i.metric == metric)
+
+
+def test_identical_measurement_passes_every_metric():
+    items = compare(_baseline(), _measured())
+    assert items and all(i.status == "ok" for i in items)
+    gated = {(i.artifact, i.metric) for i in items}
+    assert ("int8", "bytes") in gated and ("torch", "nme") in gated and ("fp32", "latency_ratio") in gated
+    assert ("torch", "latency_ms") not in gated  # absolute ms are recorded, never gated
+
+
+def test_size_growth_of_two_percent_fails_and_within_one_percent_passes():
+    base = 404_160
+    fail = compare(_baseline(), _measured(int8__bytes=base * 1.02))
+    item = next(i for i in fail if i.artifact == "int8" and i.metric == "bytes")
+    assert item.status == "FAIL" and item.failed
+    assert item.change == "+2.0 %" and item.limit == pytest.approx(base * 1.01)
+    ok = compare(_baseline(), _measured(int8__bytes=base * 1.009))
+    assert _status(ok, "int8", "bytes") == "ok"
+
+
+def test_a_shrink_past_the_tolerance_is_an_improvement_not_a_failure():
+    items = compare(_baseline(), _measured(int8__bytes=404_160 * 0.95))
+    item = next(i for i in items if i.artifact == "int8" and i.metric == "bytes")
+    assert item.status == "improved" and not item.failed and "--update" in item.note
+
+
+def test_latency_ratio_worse_than_tolerance_fails_unless_baseline_is_from_another_cpu():
+    tol = Tolerances()
+    worse = 0.10 * (1 + tol.latency_ratio_rel) * 1.05
+    assert _status(compare(_baseline(), _measured(int8__latency_ratio=worse)), "int8", "latency_ratio") == "FAIL"
+    within = 0.10 * (1 + tol.latency_ratio_rel) * 0.95
+    assert _status(compare(_baseline(), _measured(int8__latency_ratio=within)), "int8", "latency_ratio") == "ok"
+    other_cpu = compare(_baseline(), _measured(int8__latency_ratio=worse), gate_latency=False)
+    item = next(i for i in other_cpu if i.artifact == "int8" and i.metric == "latency_ratio")
+    assert item.status == "warn" and not item.failed
+    # Only latency is relaxed on another CPU: size still fails there.
+    both = compare(_baseline(), _measured(int8__bytes=500_000), gate_latency=False)
+    assert _status(both, "int8", "bytes") == "FAIL"
+
+
+def test_nme_and_shift_worse_than_budget_fail():
+    items = compare(_baseline(), _measured(int8__nme=0.085 * 1.10, torch__nme=0.080 * 1.06))
+    assert _status(items, "int8", "nme") == "FAIL"
+    assert _status(items, "torch", "nme") == "FAIL"
+    items = compare(_baseline(), _measured(int8__nme=0.085 * 1.03))
+    assert _status(items, "int8", "nme") == "ok"
+    items = compare(_baseline(), _measured(int8__shift_mean_px=0.6 + 0.15, int8__shift_max_px=2.5 + 0.5))
+    assert _status(items, "int8", "shift_mean_px") == "FAIL"
+    assert _status(items, "int8", "shift_max_px") == "ok"
+    item = next(i for i in items if i.artifact == "int8" and i.metric == "shift_mean_px")
+    assert item.change == "+0.15 px"
+
+
+def test_nan_measurement_fails():
+    items = compare(_baseline(), _measured(int8__nme=float("nan")))
+    assert _status(items, "int8", "nme") == "FAIL"
+
+
+def test_missing_artifact_fails_and_new_artifact_is_reported_but_passes():
+    measured = _measured()
+    del measured["models"]["pfld025"]["artifacts"]["int8"]
+    items = compare(_baseline(), measured)
+    missing = [i for i in items if i.artifact == "int8"]
+    assert missing and all(i.status == "missing" and i.failed for i in missing)
+
+    measured = _measured()
+    measured["models"]["pfld025"]["artifacts"]["fp16"] = {"bytes": 650_000, "latency_ratio": 0.17}
+    items = compare(_baseline(), measured)
+    new = [i for i in items if i.artifact == "fp16"]
+    assert {i.metric for i in new} == {"bytes", "latency_ratio"}
+    assert all(i.status == "new" and not i.failed for i in new)
+
+
+def test_tolerances_come_from_the_baselines_file():
+    loose = _baseline(Tolerances(size_rel=0.05))
+    assert _status(compare(loose, _measured(int8__bytes=404_160 * 1.02)), "int8", "bytes") == "ok"
+    with pytest.raises(UsageError, match="unknown tolerance"):
+        Tolerances.from_dict({"size": 0.1})
+    with pytest.raises(UsageError, match="non-negative"):
+        Tolerances.from_dict({"size_rel": -1})
+
+
+def test_update_writes_a_file_that_then_passes(tmp_path):
+    path = tmp_path / "models" / "baselines.json"
+    measured = _measured(int8__bytes=410_000)
+    write_baseline(path, measured, Tolerances(size_rel=0.02))
+    assert [p.name for p in path.parent.iterdir()] == ["baselines.json"]  # atomic: no temp file left
+    loaded = load_baseline(path)
+    assert loaded["schema"] == SCHEMA and loaded["tolerances"]["size_rel"] == 0.02
+    assert loaded["models"]["pfld025"]["artifacts"]["int8"]["bytes"] == 410_000
+    items = compare(loaded, measured)
+    assert items and all(i.status == "ok" for i in items)
+    # ...and the old measurement, 1.4 % smaller, is now within the file's 2 % tolerance too.
+    assert all(not i.failed for i in compare(loaded, _measured()))
+
+
+def test_load_baseline_errors_name_the_fix(tmp_path):
+    with pytest.raises(UsageError, match="--update"):
+        load_baseline(tmp_path / "absent.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_baseline(bad)
+    bad.write_text(json.dumps({"schema": 99, "models": {}}))
+    with pytest.raises(UsageError, match="schema"):
+        load_baseline(bad)
+
+
+def test_same_cpu_needs_model_and_core_count():
+    a = {"machine": {"cpu": "AMD EPYC", "logical_cores": 2}}
+    assert same_cpu(a, {"machine": {"cpu": "AMD EPYC", "logical_cores": 2}})
+    assert not same_cpu(a, {"machine": {"cpu": "AMD EPYC", "logical_cores": 4}})
+    assert not same_cpu(a, {"machine": {"cpu": "Intel Xeon", "logical_cores": 2}})
+    assert not same_cpu({}, a)
+
+
+def test_committed_baselines_are_valid_and_a_tightened_copy_fails():
+    """The committed file gates every reference model; tightened below itself, it must fail."""
+    base = load_baseline(COMMITTED)
+    assert set(base["models"]) == {"pfld025-synthetic", "pfld100-seeded"}
+    keys = {m.key for m in METRICS}
+    for name, model in base["models"].items():
+        for fmt in ("fp32", "fp16", "dynamic", "int8", "full-int8"):
+            assert {"bytes", "latency_ratio"} <= set(model["artifacts"][fmt]) <= keys | {"file", "latency_ms"}, (name, fmt)
+    assert "nme" in base["models"]["pfld025-synthetic"]["artifacts"]["int8"]
+    assert all(i.status == "ok" for i in compare(base, base))
+    tight = copy.deepcopy(base)
+    tight["models"]["pfld025-synthetic"]["artifacts"]["int8"]["bytes"] = int(
+        base["models"]["pfld025-synthetic"]["artifacts"]["int8"]["bytes"] * 0.97)
+    failed = [i for i in compare(tight, base) if i.failed]
+    assert [(i.model, i.artifact, i.metric) for i in failed] == [("pfld025-synthetic", "int8", "bytes")]
+
+
+def test_cli_missing_or_broken_baseline_is_one_line_and_exit_2(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["check", "--baseline", str(tmp_path / "none.json")])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "--update" in res.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    res = runner.invoke(main, ["check", "--baseline", str(bad)])
+    assert res.exit_code == 2 and "re-record it with --update" in res.output
+
+
+def _run_check(baseline: Path, *extra: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["check", "--baseline", str(baseline), "--reuse", "--work-dir", str(ROOT / "out" / "check"),
+                                    "--cache-dir", str(ROOT / "out" / "reference"), *extra])
+    return res.exit_code, res.output
+
+
+@pytest.mark.slow
+def test_real_check_passes_on_main_and_fails_when_a_baseline_is_tightened(tmp_path):
+    """End to end: train/convert/benchmark (cached under out/), compare with the committed file."""
+    code, out = _run_check(COMMITTED)
+    assert code == 0, out
+    assert "passed:" in out
+    tight = load_baseline(COMMITTED)
+    int8 = tight["models"]["pfld025-synthetic"]["artifacts"]["int8"]
+    int8["bytes"] = int(int8["bytes"] * 0.98)
+    int8["nme"] = int8["nme"] * 0.8
+    path = tmp_path / "tight.json"
+    path.write_text(json.dumps(tight))
+    code, out = _run_check(path)
+    assert code == 7, out
+    assert "FAILED" in out and "int8" in out and "size" in out and "NME" in out
