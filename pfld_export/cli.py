@@ -259,11 +259,18 @@ def _format_names() -> str:
 @click.option("--std", default=None, help="Std divided by after the mean: one value or three (foreign ONNX).")
 @click.option("--keep-onnx", is_flag=True, help="Keep the intermediate .onnx in --out.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and the hold-out split.")
+@click.option("--max-shift", type=float, default=None, help="int8 budget: mean landmark shift vs float (px at 112, held-out faces). Tries equalised weights, then keeps the fewest sensitive ops float until it holds; exit 7 with the best figure if nothing does.")
+@click.option("--max-shift-p99", type=float, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
+@click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
+@click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: plain; plain,equalize,mixed with a budget]")
+@click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @friendly
 def convert(model: str, int8: bool, formats: str | None, calib: str | None, calib_count: int, val_images: str | None,
             eval_data: str | None, size_budget: str, out: str, name: str | None, width: float | None, color: str | None,
-            mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool) -> None:
+            mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool, max_shift: float | None = None,
+            max_shift_p99: float | None = None, max_nme_increase: float | None = None, int8_methods: str | None = None,
+            max_float_ops: int = 16) -> None:
     """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
     import os
     from pathlib import Path
@@ -278,7 +285,9 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
         model=Path(model), out_dir=Path(out), formats=formats, int8=int8, calib=calib, calib_count=calib_count,
         val_images=val_images, eval_data=eval_data, size_budget=size_budget, name=name, width=width,
         color=color.upper() if color else None, mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"),
-        keep_onnx=keep_onnx, seed=seed,
+        keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
+        int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
+        max_float_ops=max_float_ops,
     )
     bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
@@ -295,6 +304,10 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
     finally:
         bar.close()
     click.echo(to_json(report) if as_json else format_convert(report))
+    if report.int8_fit is not None and not as_json:
+        from .report import format_int8_fit
+
+        click.echo(format_int8_fit(report.int8_fit))
     report.raise_for_budgets()
 
 
@@ -506,6 +519,48 @@ def predict(model: str, inputs: tuple[str, ...], out: str | None, as_json: bool,
         click.echo(f"skipped {p.where}: {p.reason}", err=True)
 
 # [sensitivity]
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", default=None, help="Calibration faces: a folder of photos (faces detected) or wflw:DIR / 300w:DIR / synthetic[:N[:SEED]]. Default: synthetic.")
+@click.option("--images", default=None, help="Held-out faces the shifts are measured on (folder or spec); default: images held out of --calib.")
+@click.option("--calib-count", default=200, show_default=True, type=int, help="Calibration crops to use.")
+@click.option("--val-count", default=60, show_default=True, type=int, help="Held-out crops to measure on.")
+@click.option("--full-int8", is_flag=True, help="Measure with int8 input/output (the full-int8 format) instead of float I/O.")
+@click.option("--leave-one-out", is_flag=True, help="Also measure the full int8 model with each op alone kept float (twice the time).")
+@click.option("--equalize", is_flag=True, help="Measure the network after cross-layer equalisation (checkpoints only).")
+@click.option("--ranges", "range_method", default="minmax", show_default=True, help="Activation ranges: minmax or percentile:P (e.g. percentile:99.99).")
+@click.option("--top", default=20, show_default=True, type=int, help="Ops shown in the table and the chart.")
+@click.option("--out", "out", default="out/sensitivity", show_default=True, type=click.Path(file_okay=False), help="Folder for sensitivity.json and sensitivity.png.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and the hold-out split.")
+@click.option("--json", "as_json", is_flag=True, help="Print sensitivity.json's content instead of the table.")
+@friendly
+def sensitivity(model: str, calib: str | None, images: str | None, calib_count: int, val_count: int, full_int8: bool,
+                leave_one_out: bool, equalize: bool, range_method: str, top: int, out: str, seed: int, as_json: bool) -> None:
+    """Rank the ops of an int8 conversion by the landmark shift each causes when quantized alone."""
+    import os
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from .export.sensitivity import SensitivityConfig, sensitivity as run_sensitivity
+    from .report import format_sensitivity, to_json
+
+    cfg = SensitivityConfig(model=Path(model), out_dir=Path(out), calib=calib, images=images, calib_count=calib_count,
+                            val_count=val_count, io_dtype="int8" if full_int8 else "float32", range_method=range_method,
+                            leave_one_out=leave_one_out, equalize=equalize, top=top, seed=seed)
+    bar = tqdm(desc="sensitivity", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="model")
+
+    def progress(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(what[:40], refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        report = run_sensitivity(cfg, progress)
+    finally:
+        bar.close()
+    click.echo(to_json(report) if as_json else format_sensitivity(report, top))
 
 
 if __name__ == "__main__":

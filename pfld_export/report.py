@@ -158,7 +158,7 @@ def format_train(result: Any) -> str:
     out.append(f"model       width {c.get('width')}, {c.get('points')} points, conv2 {c.get('conv2')}, loss {c.get('loss')}")
     out.append(f"data        {c.get('data')}: {result.train_faces} train / {result.val_faces} val faces")
     if result.best_val_nme is not None:
-        before = f"{result.initial_val_nme:.4f} untrained -> " if result.initial_val_nme is not None else ""
+        before = f"{result.initial_val_nme:.4f} initial -> " if result.initial_val_nme is not None else ""
         out.append(f"val NME     {before}{result.best_val_nme:.4f} best (epoch {result.best_epoch})")
     out.append(f"best        {result.best_checkpoint}")
     out.append(f"last        {result.last_checkpoint}")
@@ -242,6 +242,10 @@ def format_bench(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _ms(v: float) -> str:
+    return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
+
+
 def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
     """benchmarks/README.md summary from a `make bench` results document (plain JSON)."""
     m, c, v = doc["machine"], doc["config"], doc["versions"]
@@ -259,7 +263,8 @@ def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
         "to compare across runs (the regression gate uses it), since absolute ms, and even wall-clock ratios, move "
         "with machine load. "
         "**SD845 (estimate)** is arithmetic from MACs (`pfld_export/bench/estimate.py`), *not a measurement*; "
-        "measure a phone with `make bench-arm`.",
+        "measure a phone with `make bench-arm`. The reference row's size is its checkpoint file (a trained one also "
+        "carries the auxiliary net and optimizer state).",
         "",
     ]
     headers = ["model", "format", "size"]
@@ -278,7 +283,7 @@ def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
                      human_bytes(first["bytes"]) if first["bytes"] else "-"]
             for t in threads:
                 r = per.get(t)
-                cells += ["-", "-", "-"] if r is None else [f"{r['median_ms']:.3g}", f"{r['p90_ms']:.3g}", f"{r['ratio_to_torch']:.3g}"]
+                cells += ["-", "-", "-"] if r is None else [_ms(r["median_ms"]), _ms(r["p90_ms"]), f"{r['ratio_to_torch']:.3g}"]
             one = per.get(1)
             cells.append(f"{one['cpu_ratio_to_torch']:.3g}" if one and "cpu_ratio_to_torch" in one else "-")
             cells.append(f"{first['faces_per_s']:,.0f}")
@@ -351,3 +356,47 @@ def format_predict(result: Any) -> str:
 
 
 # [sensitivity]
+def format_sensitivity(rep: Any, top: int = 20) -> str:
+    """`pfld-export sensitivity`: ops ranked by the landmark shift each causes alone in int8."""
+    f = rep.full_int8
+    lines = [
+        f"model        {rep.model}{' (equalised)' if rep.equalized else ''}",
+        f"calibration  {rep.calibration} (ranges: {rep.range_method})",
+        f"measured on  {rep.validation}, I/O {rep.io_dtype}",
+        f"all int8     mean {f.mean_px:.3f} px, p99 {f.p99_px:.3f} px, max {f.max_px:.3f} px (vs float)",
+        "",
+    ]
+    loo = any(r.float_gain_px is not None for r in rep.layers)
+    headers = ["rank", "op", "layer", "output", "range", "mean px", "p99 px", "max px"] + (["float gain px"] if loo else [])
+    rows = []
+    for r in rep.layers[:top]:
+        row = [r.rank, r.op, r.label, "x".join(str(v) for v in r.shape[1:]), f"[{r.range[0]:.3g}, {r.range[1]:.3g}]",
+               round(r.alone.mean_px, 4), round(r.alone.p99_px, 4), round(r.alone.max_px, 3)]
+        if loo:
+            row.append(None if r.float_gain_px is None else round(r.float_gain_px, 4))
+        rows.append(row)
+    lines.append(table(headers, rows, align="rlllrrrr" + ("r" if loo else "")))
+    if len(rep.layers) > top:
+        lines.append(f"... {len(rep.layers) - top} more ops in {rep.json_path}")
+    lines += [""] + rep.notes + [f"wrote {rep.json_path} and {rep.png_path}"]
+    return "\n".join(lines)
+
+
+def format_int8_fit(fit: Any) -> str:
+    """The int8 fitting lines under `convert`'s table: what was tried, what was kept, its cost."""
+    lines = ["", f"int8 method  {fit.method} (chosen on {fit.search})"]
+    rows = [[c.method, round(c.shift.mean_px, 4), round(c.shift.p99_px, 4), len(c.float_ops)] for c in fit.candidates]
+    lines.append(table(["candidate", "mean px", "p99 px", "float ops"], rows, align="lrrr"))
+    if fit.float_ops:
+        kinds = ", ".join(f"{k} x{v}" for k, v in sorted(fit.float_op_types.items()))
+        lines.append(f"kept float   {len(fit.float_ops)} ops ({kinds}): {', '.join(fit.float_ops)}")
+    else:
+        lines.append("kept float   nothing: every op is int8")
+    for name, ratio in fit.latency_vs_plain.items():
+        size = len(fit.blobs[name]) if name in fit.blobs else None
+        plain = fit.plain_bytes.get(name)
+        extra = f", size {human_bytes(size)} vs {human_bytes(plain)} plain" if size and plain else ""
+        lines.append(f"cost         {name}: latency x{ratio:.2f} of plain int8 (XNNPACK, 1 thread, same run){extra}")
+    if fit.met is not None:
+        lines.append(f"budget       {'met on the search crops' if fit.met else 'NOT met on the search crops'}")
+    return "\n".join(lines)

@@ -19,6 +19,10 @@ position, epoch, RNG state, history) as tensors and plain Python only, so they l
 `data/dataset.py`) and the batch order of (seed, epoch), so a run resumed from an epoch boundary
 reproduces the uninterrupted run's weights. Ctrl-C saves a resumable `last.pth` (the interrupted
 epoch is redone from its start on resume, over the partly-trained weights) and re-raises.
+Resuming with a larger `--epochs` re-plans the cosine schedule over the new total.
+
+A fresh FC head (training from scratch, or `--init` with another point count) starts at the mean
+training shape (`init_head`), so `initial_val_nme` is the mean-shape baseline, not a random net's.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, DataError, UsageError
 from .io import atomic_write_json
 from .layouts import PointLayout, get_layout
@@ -392,8 +396,8 @@ def _write_history(st: _State, path: Path, wall_s: float) -> None:
 # Building the networks
 
 
-def _build_from_init(init: Path, run: dict[str, Any], layout: PointLayout) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
-    loaded = load_checkpoint(init)
+def _check_init(init: Path, loaded: LoadedModel, run: Mapping[str, Any]) -> None:
+    """Refuse options that contradict the init weights (before any data is loaded)."""
     mc = loaded.meta.model
     if run["width"] is not None and float(run["width"]) != mc.width:
         raise UsageError(
@@ -404,6 +408,11 @@ def _build_from_init(init: Path, run: dict[str, Any], layout: PointLayout) -> tu
         raise UsageError(
             f"--conv2 {run['conv2']} contradicts --init {init}, whose weights have conv2={mc.conv2}; drop --conv2"
         )
+
+
+def _build_from_init(init: Path, loaded: LoadedModel, run: dict[str, Any], layout: PointLayout) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
+    _check_init(init, loaded, run)
+    mc = loaded.meta.model
     run["width"], run["conv2"] = mc.width, mc.conv2
     model, aux = build_model(mc.width, layout.num_points, mc.conv2, mc.head_bn)
     sd = loaded.model.state_dict()
@@ -447,15 +456,15 @@ def init_head(model: PFLD, shape01: np.ndarray) -> None:
         model.fc.weight.mul_(0.1)
 
 
-def _build(run: dict[str, Any], layout: PointLayout) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
+def _build(run: dict[str, Any], layout: PointLayout, init: LoadedModel | None) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
     if run["points"] is not None and int(run["points"]) != layout.num_points:
         raise UsageError(
             f"--points {run['points']} but the data has {layout.num_points} points ({layout.name}); "
             "the point count comes from the data: drop --points or use data with that layout"
         )
     run["points"] = layout.num_points
-    if run["init"]:
-        return _build_from_init(Path(run["init"]), run, layout)
+    if init is not None:
+        return _build_from_init(Path(run["init"]), init, run, layout)
     run["width"] = 0.25 if run["width"] is None else float(run["width"])
     run["conv2"] = run["conv2"] or "full"
     model, aux = build_model(run["width"], layout.num_points, run["conv2"])
@@ -500,7 +509,7 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
     from torch.utils.data import DataLoader
 
     from .data.augment import AugmentConfig
-    from .data.dataset import DatasetConfig, FaceDataset, worker_init
+    from .data.dataset import DatasetConfig, EpochBatches, FaceDataset, worker_init
 
     t0 = time.perf_counter()
 
@@ -519,6 +528,13 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
             )
         saved_run = dict(resumed.meta.training["config"])
     run = _resolve(cfg, saved_run)
+    if resumed is not None and int(resumed.extra.get("epoch", 0)) >= cfg.epochs:
+        done = int(resumed.extra.get("epoch", 0))
+        raise UsageError(f"{cfg.resume} has already trained {done} epochs; pass --epochs larger than {done} to continue")
+    init_ckpt = None
+    if resumed is None and run["init"]:
+        init_ckpt = load_checkpoint(run["init"])
+        _check_init(Path(run["init"]), init_ckpt, run)
     seed = int(run["seed"])
     torch.manual_seed(seed)  # here, never at import: model init and any torch randomness follow --seed
 
@@ -526,7 +542,8 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
     train_records, val_records, layout, description = load_data(run, cfg)
 
     if resumed is not None:
-        model, aux = resumed.model, resumed.aux or AuxiliaryNet(resumed.model.tap_channels)
+        model = resumed.model
+        aux = resumed.aux if resumed.aux is not None else AuxiliaryNet(resumed.model.tap_channels)
         preprocess = resumed.meta.preprocess
         if resumed.meta.model.points != layout.num_points:
             raise UsageError(f"{cfg.resume} predicts {resumed.meta.model.points} points but the data has {layout.num_points}")
@@ -534,7 +551,7 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
         provenance.pop("saved_at", None)
         provenance["resumed_from"] = str(cfg.resume)
     else:
-        model, aux, preprocess, init_info = _build(run, layout)
+        model, aux, preprocess, init_info = _build(run, layout, init_ckpt)
         provenance = {"trained_by": "pfld-export train", **init_info}
         if init_info.get("new_head", True):  # from scratch, or --init with another point count
             init_head(model, mean_shape(train_records))
@@ -559,8 +576,6 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
     if resumed is not None:
         ex = resumed.extra
         st.epoch = int(ex.get("epoch", 0))
-        if st.epoch >= cfg.epochs:
-            raise UsageError(f"{cfg.resume} has already trained {st.epoch} epochs; pass --epochs larger than {st.epoch} to continue")
         optimizer.load_state_dict(ex["optimizer"])
         sch = ex.get("scheduler", {})
         st.global_step = int(sch.get("step", st.epoch * steps_per_epoch))
@@ -576,20 +591,26 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
     out = cfg.out
     best_path, last_path, hist_path = out / "best.pth", out / "last.pth", out / "history.json"
     if val_records and cfg.eval_initial and resumed is None:
-        emit(TrainEvent("setup", message=f"validating the untrained network on {len(val_records)} faces"))
+        emit(TrainEvent("setup", message=f"validating the initial network on {len(val_records)} faces"))
         st.initial_val_nme = validation_nme(model, preprocess, val_records, device, last_path)
         model.train()
 
     best_loss = math.inf
     if st.best_val_nme is None and st.history:
         best_loss = min(h["train_loss"] for h in st.history)
+    sampler = EpochBatches(lambda e: epoch_batches(len(ds), int(run["batch"]), seed, e), st.epoch)
+    # One loader for the run. A worker is a spawned process that lives for the whole run (forked
+    # workers hang in OpenCV once the parent has used its thread pool); it gets the dataset once,
+    # and the sampler's (epoch, index) keys tell it which augmentation to draw.
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda",
+                        **({"multiprocessing_context": "spawn", "persistent_workers": True} if cfg.workers else {}))
     try:
         for epoch in range(st.epoch, cfg.epochs):
             te = time.perf_counter()
             ds.set_epoch(epoch)
-            batches = epoch_batches(len(ds), int(run["batch"]), seed, epoch)
-            loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, worker_init_fn=worker_init,
-                                pin_memory=device.type == "cuda")
+            sampler.epoch = epoch
+            n_batches = len(sampler)
             model.train()
             aux.train()
             sums = {"loss": 0.0, "l2": 0.0, "angle": 0.0}
@@ -610,14 +631,14 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
                 sums["l2"] += float(lo.landmark_l2) * nb
                 sums["angle"] += float(lo.angle) * nb if lo.angle is not None else 0.0
                 st.global_step += 1
-                emit(TrainEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=i + 1, steps=len(batches), loss=v, lr=lr))
+                emit(TrainEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=i + 1, steps=n_batches, loss=v, lr=lr))
             st.epoch = epoch + 1
             rec: dict[str, Any] = {
                 "epoch": st.epoch,
                 "train_loss": sums["loss"] / max(1, n_seen),
                 "train_l2": sums["l2"] / max(1, n_seen),
                 "lr": lr_at(st.global_step - 1, st.total_steps, run["lr"], run["schedule"], st.warmup),
-                "steps": len(batches),
+                "steps": n_batches,
             }
             if run["loss"] == "pfld":
                 rec["train_angle"] = sums["angle"] / max(1, n_seen)

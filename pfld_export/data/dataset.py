@@ -234,8 +234,11 @@ class FaceDataset(Dataset[dict[str, torch.Tensor]]):
             attrs[_OCCLUSION] = 1.0  # the augmentation hid part of the face: weigh it as occluded
         return Sample(crop=out.crop, points=out.points, pose=pose, pose_valid=valid, attributes=attrs, params=params)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        s = self.sample(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """`ds[i]` (current epoch) or `ds[(epoch, i)]`: samplers that name the epoch keep worker
+        processes, which hold their own copy of the dataset, in step with the main process."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        s = self.sample(int(index), epoch)
         return {
             "image": torch.from_numpy(self.preprocess.apply_nchw(s.crop[None])[0]),
             "target": torch.from_numpy((s.points / self.cfg.size).astype(np.float32)),
@@ -253,8 +256,30 @@ class FaceDataset(Dataset[dict[str, torch.Tensor]]):
         return out
 
 
+class EpochBatches:
+    """Batch sampler yielding `(epoch, index)` keys for `FaceDataset`; set `.epoch` between epochs.
+
+    `batches(epoch)` gives the list of index lists of that epoch (see `train.epoch_batches`).
+    """
+
+    def __init__(self, batches: Callable[[int], list[list[int]]], epoch: int = 0) -> None:
+        self.batches = batches
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        e = self.epoch
+        return iter([[(e, i) for i in b] for b in self.batches(e)])
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
 def worker_init(_worker_id: int) -> None:
-    """DataLoader worker setup: one thread each for OpenCV and torch (2-core machines)."""
+    """DataLoader worker setup: one thread each for OpenCV and torch (2-core machines).
+
+    Workers are started with the "spawn" method (see `train.py`): a forked child inherits
+    OpenCV's thread pool in a locked state once the parent has used it, and hangs.
+    """
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 

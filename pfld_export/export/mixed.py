@@ -104,18 +104,7 @@ def quantize_calibrated(blob: bytes, float_ops: Iterable[str] = (), io_dtype: st
             out = tfl_convert.mlir_quantize(blob, input_data_type=dt, output_data_type=dt, denylisted_nodes=deny or None)
     except Exception as e:  # the MLIR quantizer raises RuntimeError / ConverterError
         raise ConversionError(f"int8 quantization failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
-    return _deduplicate(bytes(out))
-
-
-def _deduplicate(blob: bytes) -> bytes:
-    # The converter deduplicates read-only buffers after quantizing (lite.py); do the same so
-    # sizes compare with `convert`'s plain int8 files.
-    try:
-        from tensorflow.lite.python.lite import _deduplicate_readonly_buffers
-
-        return bytes(_deduplicate_readonly_buffers(blob))
-    except Exception:  # pragma: no cover - private helper moved: keep the undeduplicated model
-        return blob
+    return bytes(out)
 
 
 def keras_function(onnx_artifact: Any, samples: np.ndarray) -> tuple[Any, Any]:
@@ -173,7 +162,12 @@ def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
     from ..runtime import tflite_interpreter_class
 
     cls = tflite_interpreter_class()
-    kw = {"experimental_preserve_all_tensors": True} if keep_all else {}
+    kw: dict[str, Any] = {"experimental_preserve_all_tensors": True} if keep_all else {}
+    # No XNNPACK here: a delegate hides the intermediate tensors we read and adds DELEGATE nodes
+    # to the op list. (Timed and validated runs use the normal Predictor, with XNNPACK.)
+    resolver = _no_delegate_resolver(cls)
+    if resolver is not None:
+        kw["experimental_op_resolver_type"] = resolver
     import warnings
 
     with warnings.catch_warnings():
@@ -181,6 +175,14 @@ def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
         interp = cls(model_content=blob, num_threads=1, **kw)
     interp.allocate_tensors()
     return interp
+
+
+def _no_delegate_resolver(cls: Any) -> Any:
+    import importlib
+
+    mod = importlib.import_module(cls.__module__)
+    kind = getattr(mod, "OpResolverType", None)
+    return getattr(kind, "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None) if kind is not None else None
 
 
 def _measure_ranges(blob: bytes, inputs: np.ndarray, percentile: float | None) -> dict[str, tuple[float, float]]:
@@ -235,6 +237,80 @@ def _write_ranges(blob: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
             if name in ranges:
                 q.min, q.max = [float(ranges[name][0])], [float(ranges[name][1])]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+_CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def correct_biases(cal: Calibrated, inputs: np.ndarray, io_dtype: str = "float32", progress: Progress | None = None) -> Calibrated:
+    """Empirical bias correction on the real int8 kernels, layer by layer in graph order.
+
+    For each conv / depthwise / FC op: run the current int8 model and the float model on
+    `inputs`, take the per-channel mean of (dequantized int8 output - float output) at that op,
+    and subtract it from the op's float bias in the calibrated flatbuffer; the next op is then
+    measured on the corrected model, so corrections never double count. Activation ranges are
+    kept. This removes the systematic part of everything int8 does to a layer (weight rounding,
+    activation rounding, requantization); the random part stays.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(cal.blob))
+    sg = model.subgraphs[0]
+    name_of = [(t.name.decode() if isinstance(t.name, bytes) else t.name) for t in sg.tensors]
+    convs = [op for op in sg.operators if _op_name(model, op) in _CONV_OPS and len(op.inputs) > 2 and op.inputs[2] >= 0]
+    outputs = [name_of[op.outputs[0]] for op in convs]
+    float_means = _channel_means(cal.blob, inputs, outputs, dequantize=False)
+    blob = cal.blob
+    for k, op in enumerate(convs):
+        out = outputs[k]
+        q = quantize_calibrated(blob, (), io_dtype)
+        err = _channel_means(q, inputs, [out], dequantize=True)[out] - float_means[out]
+        bias_t = sg.tensors[op.inputs[2]]
+        buf = model.buffers[bias_t.buffer]
+        bias = np.frombuffer(bytes(bytearray(buf.data)), dtype=np.float32).copy()
+        if bias.shape != err.shape:
+            continue  # not a per-channel bias (never seen in PFLD); leave it
+        bias -= err.astype(np.float32)
+        buf.data = np.frombuffer(bias.tobytes(), dtype=np.uint8)
+        blob = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+        if progress:
+            progress(f"bias correction {k + 1}/{len(convs)}: max |shift| {float(np.abs(err).max()):.3g}")
+    return Calibrated(blob=blob, ops=cal.ops, method=f"{cal.method}+bias", faces=cal.faces, ranges=dict(cal.ranges))
+
+
+def _op_name(model: Any, op: Any) -> str:
+    from ai_edge_litert import schema_py_generated as schema
+
+    oc = model.operatorCodes[op.opcodeIndex]
+    code = max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return names.get(code, "")
+
+
+def _channel_means(blob: bytes, inputs: np.ndarray, tensors: Sequence[str], dequantize: bool) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) mean of the named tensors over `inputs`, dequantized if int8."""
+    interp = _interpreter(blob, keep_all=True)
+    inp = interp.get_input_details()[0]
+    det = {t["name"]: t for t in interp.get_tensor_details()}
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for k in range(len(inputs)):
+        x = np.ascontiguousarray(inputs[k : k + 1], np.float32)
+        if np.dtype(inp["dtype"]) != np.float32:
+            scale, zp = inp["quantization"]
+            x = np.clip(np.round(x / scale + zp), -128, 127).astype(inp["dtype"])
+        interp.set_tensor(inp["index"], x)
+        interp.invoke()
+        for name in tensors:
+            d = det[name]
+            a = interp.get_tensor(d["index"]).astype(np.float64)
+            if dequantize and np.dtype(d["dtype"]) != np.float32:
+                scale, zp = d["quantization"]
+                a = (a - zp) * scale
+            a = a.reshape(-1, a.shape[-1])
+            sums[name] = sums.get(name, 0) + a.mean(0)
+        count += 1
+    return {k: v / count for k, v in sums.items()}
 
 
 def list_ops(blob: bytes, labels: Sequence[str] | None = None) -> list[OpInfo]:
@@ -423,3 +499,241 @@ def latency_ratio(candidate: bytes, baseline: bytes, crop: np.ndarray, preproces
 def default_environment() -> None:
     """Keep TensorFlow's C++ info lines off the user's terminal (the CLI calls this)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# --- the int8 fitter `convert` calls -----------------------------------------------------------
+
+# Fixes to the float weights tried before any op is left in float, in order. Each was kept
+# because it measured better than plain int8 (benchmarks/int8_fidelity.md); `plain` is always a
+# candidate, and the best candidate on the search crops wins.
+WEIGHT_FIXES: tuple[str, ...] = ("equalize", "equalize+bias")
+INT8_METHODS: tuple[str, ...] = ("plain",) + WEIGHT_FIXES + ("mixed",)
+DEFAULT_METHODS: tuple[str, ...] = ("plain", "equalize", "mixed")
+RANKING_CROPS = 64  # crops for the per-op ranking that orders the mixed-precision search
+
+
+@dataclass
+class Int8Config:
+    """How `convert` builds its calibrated (int8, full-int8) formats, and the budget they must meet."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    max_shift_px: float | None = None  # mean shift budget (px at 112); None: no search, best candidate wins
+    max_p99_px: float | None = None
+    max_float_ops: int = 16
+    range_method: str = "minmax"
+    equalize_alpha: float = 0.5
+    measure_latency: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in INT8_METHODS]
+        if bad:
+            raise UsageError(f"int8 method(s) {bad} unknown; choose from {', '.join(INT8_METHODS)}")
+        if self.max_shift_px is not None and self.max_shift_px <= 0:
+            raise UsageError(f"--max-shift {self.max_shift_px} must be a positive number of pixels")
+        if self.max_p99_px is not None and self.max_p99_px <= 0:
+            raise UsageError(f"--max-shift-p99 {self.max_p99_px} must be a positive number of pixels")
+        _range_method(self.range_method)
+
+
+@dataclass
+class Int8Candidate:
+    """One way of building the int8 model and what it measured on the search crops."""
+
+    method: str
+    shift: ShiftStats
+    float_ops: list[str] = field(default_factory=list)  # labels of ops left in float
+
+
+@dataclass
+class Int8Fit:
+    """What `fit_int8` chose for the calibrated formats (the model bytes are in `blobs`)."""
+
+    method: str
+    float_ops: list[str]  # labels of ops kept float (empty: fully int8)
+    float_op_types: dict[str, int]
+    candidates: list[Int8Candidate]
+    met: bool | None  # None when no budget was given
+    search: str  # what the candidates were measured on
+    equalized: list[str] = field(default_factory=list)  # tensors equalise rescaled
+    latency_vs_plain: dict[str, float] = field(default_factory=dict)  # format -> median latency ratio
+    plain_bytes: dict[str, int] = field(default_factory=dict)
+    _blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # underscore: kept out of report.json
+
+    @property
+    def blobs(self) -> dict[str, bytes]:
+        """Format name -> model bytes."""
+        return self._blobs
+
+    def sidecar(self) -> dict[str, dict[str, Any]]:
+        """Extra sidecar keys per format: how its int8 model was built."""
+        info = {"method": self.method, "float_ops": list(self.float_ops), "equalized": bool(self.equalized) and "equalize" in self.method}
+        return {name: {"int8": info} for name in self._blobs}
+
+
+def fit_int8(
+    loaded: Any | None, onnx_artifact: Any, calib: Any, io_dtypes: dict[str, str], reference: Any, cfg: Int8Config,
+    progress: Progress | None = None,
+) -> Int8Fit:
+    """Build each calibrated format (name -> I/O dtype in `io_dtypes`) the best way `cfg` allows.
+
+    Candidates: plain int8 of `onnx_artifact`; for a checkpoint (`loaded`), the weight fixes in
+    `cfg.methods`, each re-exported and calibrated on the same crops; the best by search-crop
+    shift is kept. With a budget that the best still misses and "mixed" in `cfg.methods`, the
+    fewest float ops that meet it are searched (`search_mixed`). Nothing is written here.
+    """
+    from .tflite import compact_tflite
+
+    say = progress or (lambda _m: None)
+    pre = onnx_artifact.preprocess
+    inputs = calib.inputs(pre)
+    ref = reference.predict(calib.crops)
+    labels = _labels(loaded)
+
+    def calibrated(art: Any) -> Calibrated:
+        keras_model, func = keras_function(art, inputs)
+        return calibrate(keras_model, func, inputs, cfg.range_method, labels)
+
+    say("calibrating plain int8")
+    cals: dict[str, Calibrated] = {"plain": calibrated(onnx_artifact)}
+    equalized: list[str] = []
+    fixes = [m for m in WEIGHT_FIXES if m in cfg.methods]
+    if fixes and loaded is None:
+        say("weight fixes skipped: an ONNX source has no PyTorch weights to rewrite")
+    elif fixes:
+        for m in fixes:
+            say(f"calibrating {m}")
+            fixed, names = _fixed_weights(loaded, calib.crops, pre, m, cfg.equalize_alpha)
+            equalized = equalized or names
+            with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
+                from .onnx import OnnxConfig, to_onnx
+
+                art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
+                cals[m] = calibrated(art)
+    first_io = next(iter(io_dtypes.values()), "float32")
+    candidates = []
+    for m, cal in cals.items():
+        s = shift_stats(ref, predict_blob(cal.quantize((), first_io), pre, calib.crops))
+        candidates.append(Int8Candidate(m, s))
+        say(f"{m}: mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on the search crops")
+    budget = MixedConfig(max_shift_px=cfg.max_shift_px, max_p99_px=cfg.max_p99_px, max_float_ops=cfg.max_float_ops,
+                         io_dtype=first_io) if cfg.max_shift_px is not None else None
+    rank_key = (lambda c: _score(c.shift, budget)) if budget else (lambda c: c.shift.mean_px)
+    best = min(candidates, key=rank_key)
+    cal = cals[best.method]
+    float_ops: list[OpInfo] = []
+    met = None if budget is None else _meets(best.shift, budget)
+    if budget is not None and not met and "mixed" in cfg.methods:
+        say(f"ranking ops of {best.method} for mixed precision")
+        from .sensitivity import measure_layers, ranking
+
+        k = min(len(calib.crops), RANKING_CROPS)
+        sens = measure_layers(cal, ref[:k], calib.crops[:k], pre, first_io)
+        res = search_mixed(cal, ranking(sens), ref, calib.crops, pre, budget, progress=say)
+        float_ops, met = res.float_ops, res.met
+        cand = Int8Candidate(f"{best.method}+mixed", res.shift, [o.label for o in res.float_ops])
+        candidates.append(cand)
+        if _score(res.shift, budget) < _score(best.shift, budget):
+            best = cand
+        else:
+            float_ops = []
+    deny = [o.tensor for o in float_ops]
+    blobs = {name: compact_tflite(cal.quantize(deny, io)) for name, io in io_dtypes.items()}
+    fit = Int8Fit(_blobs=blobs, method=best.method, float_ops=[o.label for o in float_ops],
+                  float_op_types=float_op_count(next(iter(blobs.values()))) if blobs else {}, candidates=candidates,
+                  met=met, search=f"{len(calib.crops)} calibration crops vs the float source", equalized=equalized)
+    plain = cals["plain"]
+    for name, io in io_dtypes.items():
+        base = compact_tflite(plain.quantize((), io))
+        fit.plain_bytes[name] = len(base)
+        if cfg.measure_latency and best.method != "plain":
+            fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], pre)[0]
+    return fit
+
+
+def _labels(loaded: Any | None) -> list[str] | None:
+    if loaded is None:
+        return None
+    from .sensitivity import conv_labels
+
+    return conv_labels(loaded)
+
+
+def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, method: str, alpha: float) -> tuple[Any, list[str]]:
+    """A copy of `loaded` with equalised (and, for equalize+bias, bias-corrected) float weights."""
+    import dataclasses
+
+    import torch
+
+    from .equalize import EqualizeConfig, bias_correct, equalize
+
+    x = pre.apply_nchw(crops)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # small forwards: one thread avoids oversubscribing shared cores
+    try:
+        eq = equalize(loaded.inference_model(), x, EqualizeConfig(alpha=alpha))
+        net = eq.model
+        if method == "equalize+bias":
+            net = bias_correct(net, x).model
+    finally:
+        torch.set_num_threads(prev)
+    return dataclasses.replace(loaded, model=net.pfld), [t.name for t in eq.tensors]
+
+
+def int8_config_for(cfg: Any, formats: Sequence[Any]) -> Int8Config | None:
+    """The Int8Config a ConvertConfig asks for, or None for the converter's plain int8.
+
+    Budgets need an int8 format to apply to and --max-nme-increase needs --eval-data: both are
+    refused up front, before minutes of conversion.
+    """
+    calibrated = [f for f in formats if f.calibrated]
+    budget = cfg.max_shift is not None or cfg.max_nme_increase is not None
+    if budget and not calibrated:
+        raise UsageError("--max-shift / --max-nme-increase apply to int8 formats; add --int8 (or --formats int8,full-int8)")
+    if cfg.max_nme_increase is not None and not cfg.eval_data:
+        raise UsageError("--max-nme-increase needs annotated faces to measure NME on; add --eval-data wflw:DIR or 300w:DIR")
+    if cfg.max_nme_increase is not None and cfg.max_nme_increase < 0:
+        raise UsageError(f"--max-nme-increase {cfg.max_nme_increase} must be >= 0")
+    if cfg.max_shift_p99 is not None and cfg.max_shift is None:
+        raise UsageError("--max-shift-p99 needs --max-shift (the mean budget) as well")
+    methods = cfg.int8_methods
+    if methods is None:
+        if not budget:
+            return None
+        methods = DEFAULT_METHODS
+    if not calibrated:
+        return None
+    p99 = cfg.max_shift_p99 if cfg.max_shift_p99 is not None else (4.0 * cfg.max_shift if cfg.max_shift is not None else None)
+    return Int8Config(methods=tuple(methods), max_shift_px=cfg.max_shift, max_p99_px=p99, max_float_ops=cfg.max_float_ops)
+
+
+def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fit: Int8Fit | None) -> None:
+    """Append --max-shift / --max-nme-increase checks (held-out figures) to the calibrated
+    formats' validation rows; a failed check names the best figure reached and what was tried."""
+    from .validate import Check
+
+    how = _how(fit)
+    for row in rows:
+        if not formats[row.format].calibrated:
+            continue
+        if cfg.max_shift is not None:
+            p99_budget = cfg.max_shift_p99 if cfg.max_shift_p99 is not None else 4.0 * cfg.max_shift
+            s = row.shift
+            ok = s is not None and s.mean_px <= cfg.max_shift and s.p99_px <= p99_budget
+            got = "not measured" if s is None else f"best reached mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on {s.faces} held-out faces"
+            fix = "" if ok else "; allow more float ops (--max-float-ops), raise --max-shift, or fine-tune the checkpoint with QAT"
+            row.checks.append(Check("max-shift", ok, f"{got} (budget mean {cfg.max_shift} px, p99 {p99_budget:g} px) with {how}{fix}"))
+        if cfg.max_nme_increase is not None:
+            inc = row.nme_increase
+            ok = inc is not None and inc <= cfg.max_nme_increase
+            got = "NME not measured" if inc is None else f"best reached NME +{inc:.4f}"
+            fix = "" if ok else "; allow more float ops (--max-float-ops) or fine-tune the checkpoint with QAT"
+            row.checks.append(Check("max-nme-increase", ok, f"{got} (budget +{cfg.max_nme_increase}) with {how}{fix}"))
+        row.passed = all(c.ok for c in row.checks)
+
+
+def _how(fit: Int8Fit | None) -> str:
+    if fit is None:
+        return "plain int8"
+    tried = ", ".join(f"{c.method} {c.shift.mean_px:.2f}" for c in fit.candidates)
+    floats = f", {len(fit.float_ops)} ops float" if fit.float_ops else ", all ops int8"
+    return f"{fit.method}{floats} (tried on search crops, mean px: {tried})"

@@ -57,6 +57,12 @@ class ConvertConfig:
     parity_atol_px: float = PARITY_ATOL_PX
     detector: Any | None = None  # detect.Detector for folder calibration; default detector when None
     cache_dir: Path | None = None  # where synthetic faces are generated
+    # int8 fidelity (mixed.py): budgets for the calibrated formats and the methods allowed to meet them.
+    max_shift: float | None = None  # mean landmark shift, px at 112, on held-out crops
+    max_shift_p99: float | None = None  # None with max_shift: 4 x max_shift
+    max_nme_increase: float | None = None  # needs eval_data
+    int8_methods: tuple[str, ...] | None = None  # None: plain int8, or mixed.DEFAULT_METHODS when a budget is set
+    max_float_ops: int = 16
 
 
 @dataclass
@@ -93,6 +99,7 @@ class ConvertReport:
     timings: dict[str, float]
     report_path: Path
     tool_version: str = __version__
+    int8_fit: Any | None = None  # mixed.Int8Fit when the int8 variants were fitted (methods / budgets)
     passed: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +118,9 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     ONNX parity."""
     formats = select_formats(cfg.formats, cfg.int8)
     size_budget = parse_size(cfg.size_budget)
+    from .mixed import int8_config_for
+
+    int8_cfg = int8_config_for(cfg, formats)  # None: plain converter int8, as before
     out = _writable_dir(Path(cfg.out_dir))
     timings: dict[str, float] = {}
     stage = _stage_timer(timings, progress)
@@ -134,19 +144,32 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
         with stage("onnx parity"):
             ref_points = src.reference.predict(val.crops)
             parity = check_parity(src.reference, open_predictor(art.path), val.crops, cfg.parity_atol_px, ref_points)
+        fit = None
+        if int8_cfg is not None:
+            from .mixed import fit_int8
+
+            with stage("int8 fit"):
+                fit = fit_int8(src.loaded, art, calib, {f.name: f.io_dtype for f in formats if f.calibrated}, src.reference,
+                               int8_cfg, progress=lambda m: progress and progress(f"int8 fit: {m}", None))
         with stage("tflite"):
             tcfg = TfliteConfig(out_dir=out, name=name, source=str(src.path))
-            artifacts = to_tflite(art, formats, calib, tcfg, progress=lambda f: progress and progress(f"tflite {f}", None))
+            artifacts = to_tflite(art, formats, calib, tcfg, progress=lambda f: progress and progress(f"tflite {f}", None),
+                                  override=fit.blobs if fit else None, sidecar_extra=fit.sidecar() if fit else None)
     if not cfg.keep_onnx:  # the temp file is gone; the report names it without a dangling path
         art = dataclasses.replace(art, path=Path(art.path.name))
     with stage("validate"):
         by_name = {f.name: f for f in formats}
         rows = [validate_tflite(a, by_name[a.format], ref_points, val.crops, vcfg) for a in artifacts]
+        if int8_cfg is not None:
+            from .mixed import add_budget_checks
+
+            add_budget_checks(rows, by_name, cfg, fit)
     report = ConvertReport(
         source=str(src.path), source_kind=src.kind, reference=src.reference.backend, model=src.model,
         preprocess=src.preprocess.to_dict(), calibration=calib.description, validation=val.description, onnx=art,
         onnx_kept=cfg.keep_onnx, parity=parity, artifacts=artifacts, formats=rows, size_budget=size_budget,
         eval_data=cfg.eval_data, reference_nme=vcfg.reference_nme, timings=timings, report_path=out / "report.json",
+        int8_fit=fit,
     )
     from ..report import to_jsonable
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flatbuffers
 import numpy as np
@@ -66,12 +66,24 @@ class TfliteArtifact:
 
 def to_tflite(
     onnx: OnnxArtifact, formats: Sequence[ExportFormat], calib: CalibrationSet, cfg: TfliteConfig,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, override: Mapping[str, bytes] | None = None,
+    sidecar_extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[TfliteArtifact]:
     """Convert `onnx` to each of `formats`; all are converted before any file is written.
 
-    Raises ConversionError naming the format and the converter's message.
+    `override`: format name -> model bytes already built elsewhere (mixed.fit_int8's int8
+    variants); those formats are written (compacted) instead of converted. `sidecar_extra`:
+    format name -> extra sidecar keys. Raises ConversionError naming the format and the
+    converter's message.
     """
+    if override:
+        order = [f.name for f in formats]
+        rest = [f for f in formats if f.name not in override]
+        # The converted ones first: if one fails, nothing has been written yet.
+        arts = to_tflite(onnx, rest, calib, cfg, progress, None, sidecar_extra) if rest else []
+        built = [(f, compact_tflite(override[f.name]), 0.0) for f in formats if f.name in override]
+        arts += _write_all(onnx, built, cfg, sidecar_extra)
+        return sorted(arts, key=lambda a: order.index(a.format))
     inputs = calib.inputs(onnx.preprocess)
     with _Captured():  # TensorFlow's import logs (oneDNN, absl) go straight to fd 2
         import onnx2tf  # noqa: F401
@@ -86,6 +98,11 @@ def to_tflite(
             t = time.perf_counter()
             blob = compact_tflite(_convert_one(func, keras_model, fmt, inputs))
             blobs.append((fmt, blob, time.perf_counter() - t))
+    return _write_all(onnx, blobs, cfg, sidecar_extra)
+
+
+def _write_all(onnx: OnnxArtifact, blobs: Sequence[tuple[ExportFormat, bytes, float]], cfg: TfliteConfig,
+               sidecar_extra: Mapping[str, Mapping[str, Any]] | None = None) -> list[TfliteArtifact]:
     out = []
     for fmt, blob, secs in blobs:
         path = Path(cfg.out_dir) / f"{cfg.name}{fmt.file_suffix}.tflite"
@@ -94,6 +111,7 @@ def to_tflite(
             "preprocess": onnx.preprocess.to_dict(), "format": fmt.name, "source": cfg.source,
             "quant": {"input": io_info["input_quant"], "output": io_info["output_quant"]},
             "weights": fmt.weights, "points": onnx.num_points, "model": onnx.model, "tool_version": __version__,
+            **dict((sidecar_extra or {}).get(fmt.name, {})),
         }
         atomic_write_bytes(path, blob)
         atomic_write_json(sidecar_path(path), side)

@@ -1,0 +1,202 @@
+"""int8 fidelity ablation: every method of pfld_export/export/{mixed,equalize}.py, measured alone.
+
+    python benchmarks/int8_ablation.py --model out/models/w100/best.pth --model ... \
+        --json benchmarks/results/int8_ablation.json
+
+For each checkpoint: calibration crops are the real faces of ../shared/fixtures/unlabeled found by
+the default detector, split by source image into calibration and held-out validation (the
+convert pipeline's own split). Every variant is an int8 TFLite built by the real converter and
+run with the real kernels; figures are held-out landmark shifts against the float PyTorch model
+(px at 112), NME on annotated faces (wflw98 fixture for 98-point models, plus held-out
+synthetic faces), file size, and latency relative to the converter's plain int8 model in the
+same run (ai-edge-litert XNNPACK, 1 thread, interleaved rounds, median).
+
+Results go to --json (one entry per model and variant) and are summarised by hand in
+benchmarks/int8_fidelity.md. Nothing here is a test: it is slow (minutes per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+from pfld_export.export.calibrate import CalibrationSet, calibration_and_validation  # noqa: E402
+from pfld_export.export.equalize import EqualizeConfig, bias_correct, equalize  # noqa: E402
+from pfld_export.export.formats import FORMATS  # noqa: E402
+from pfld_export.export.mixed import (  # noqa: E402
+    MixedConfig, calibrate, float_op_count, keras_function, latency_ratio, predict_blob, search_mixed,
+)
+from pfld_export.export.onnx import OnnxConfig, to_onnx  # noqa: E402
+from pfld_export.export.pipeline import ConvertConfig, load_source  # noqa: E402
+from pfld_export.export.sensitivity import conv_labels, measure_layers, ranking  # noqa: E402
+from pfld_export.export.tflite import _convert_one, compact_tflite  # noqa: E402
+from pfld_export.export.validate import nme_of, shift_stats  # noqa: E402
+
+ALL = ("converter", "plain", "percentile", "calib50", "calib-aug", "eq-blocks", "eq-head", "eq-both", "eq-both-a1",
+       "eq-bias", "mixed")
+
+
+def _augment(cs: CalibrationSet, seed: int) -> CalibrationSet:
+    """More varied calibration: each crop, mirrored, and at 0.7x / 1.3x contrast about mid-grey."""
+    rng = np.random.default_rng(seed)
+    c = cs.crops.astype(np.float32)
+    flips = c[:, :, ::-1]
+    gains = rng.choice([0.7, 1.3], size=(len(c), 1, 1, 1)).astype(np.float32)
+    contrast = np.clip((c - 128.0) * gains + 128.0, 0, 255)
+    crops = np.concatenate([c, flips, contrast]).astype(np.uint8)
+    return CalibrationSet(crops, cs.sources * 3, f"{cs.description} + mirrored + contrast x0.7/x1.3")
+
+
+def _variant_weights(name: str, loaded: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    if not name.startswith("eq-"):
+        return loaded, {}
+    cfg = {"eq-blocks": EqualizeConfig(head=False), "eq-head": EqualizeConfig(blocks=False),
+           "eq-both": EqualizeConfig(), "eq-both-a1": EqualizeConfig(alpha=1.0), "eq-bias": EqualizeConfig()}[name]
+    res = equalize(loaded.inference_model(), x, cfg)
+    net, info = res.model, {"float_max_diff_px": res.float_max_diff_px}
+    if name == "eq-bias":
+        bc = bias_correct(net, x)
+        net, info["bias_float_moved_px"] = bc.model, bc.float_max_diff_px
+    return dataclasses.replace(loaded, model=net.pfld), info
+
+
+def run_model(path: Path, args: argparse.Namespace, crops_cache: dict[str, Any]) -> list[dict[str, Any]]:
+    src = load_source(ConvertConfig(model=path))
+    pre = src.preprocess
+    key = str(args.calib)
+    if key not in crops_cache:
+        crops_cache[key] = calibration_and_validation(str(args.calib), None, pre, args.calib_count, args.val_count, 0)
+    calib, val = crops_cache[key]
+    ref = src.reference.predict(val.crops)
+    evals: dict[str, Any] = {}
+    from pfld_export.data.specs import load_spec
+
+    if src.loaded.meta.model.points == 98:
+        if (FIXTURES / "wflw98").is_dir():
+            evals["wflw98 (4 real faces)"] = load_spec(f"wflw:{FIXTURES / 'wflw98'}").records
+        evals["synthetic held-out (100)"] = load_spec("synthetic:100:77").records
+    ref_nme = {k: nme_of(src.reference, r) for k, r in evals.items()}
+    labels = conv_labels(src.loaded)
+    x_nchw = pre.apply_nchw(calib.crops)
+    rows: list[dict[str, Any]] = []
+    baseline: dict[str, bytes] = {}
+    weights_cache: dict[str, Any] = {}
+
+    def record(variant: str, blobs: dict[str, bytes], extra: dict[str, Any]) -> None:
+        row: dict[str, Any] = {"model": str(path), "variant": variant, **extra}
+        for fmt, blob in blobs.items():
+            blob = compact_tflite(blob)
+            s = shift_stats(ref, predict_blob(blob, pre, val.crops))
+            r = {"mean_px": s.mean_px, "p99_px": s.p99_px, "max_px": s.max_px, "bytes": len(blob),
+                 "float_ops": float_op_count(blob)}
+            if fmt == "int8":
+                with tempfile.TemporaryDirectory() as tmp:
+                    p = Path(tmp) / "m.tflite"
+                    p.write_bytes(blob)
+                    from pfld_export.runtime import open_predictor
+
+                    pred = open_predictor(p, preprocess=pre)
+                    r["nme_increase"] = {k: nme_of(pred, recs) - ref_nme[k] for k, recs in evals.items()}
+            if fmt in baseline:
+                r["latency_ratio"], r["ms"], r["baseline_ms"] = latency_ratio(blob, baseline[fmt], val.crops[:1], pre,
+                                                                               runs=args.runs, repeats=args.repeats)
+            row[fmt] = r
+        rows.append(row)
+        print(json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk in ("mean_px", "p99_px", "bytes", "latency_ratio", "nme_increase")}) for k, v in row.items()}), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
+        def calibrated(loaded: Any, cs: CalibrationSet, method: str = "minmax") -> Any:
+            art = to_onnx(loaded, OnnxConfig(path=Path(tmp) / f"m{len(weights_cache)}.onnx"))
+            inputs = cs.inputs(pre)
+            km, func = keras_function(art, inputs)
+            return calibrate(km, func, inputs, method, labels), (km, func, inputs)
+
+        plain_cal, (km, func, inputs) = calibrated(src.loaded, calib)
+        for fmt in ("int8", "full-int8"):
+            baseline[fmt] = compact_tflite(_convert_one(func, km, FORMATS[fmt], inputs))
+        io = {"int8": "float32", "full-int8": "int8"}
+        for variant in args.variants:
+            t = time.perf_counter()
+            extra: dict[str, Any] = {}
+            if variant == "converter":
+                record(variant, dict(baseline), {"calibration": calib.description})
+                continue
+            if variant == "plain":
+                cal = plain_cal
+            elif variant == "percentile":
+                cal, _ = calibrated(src.loaded, calib, "percentile:99.99")
+            elif variant == "calib50":
+                cal, _ = calibrated(src.loaded, calib.subset(np.arange(min(50, len(calib))), "first 50 crops"))
+            elif variant == "calib-aug":
+                cal, _ = calibrated(src.loaded, _augment(calib, 0))
+            elif variant.startswith("eq-"):
+                loaded, extra = _variant_weights(variant, src.loaded, x_nchw)
+                cal, _ = calibrated(loaded, calib)
+                weights_cache[variant] = cal
+            elif variant == "mixed":
+                best = min(((k, v) for k, v in weights_cache.items()), default=("plain", plain_cal),
+                           key=lambda kv: shift_stats(src.reference.predict(calib.crops[:64]),
+                                                      predict_blob(kv[1].quantize(), pre, calib.crops[:64])).mean_px)
+                cal = best[1]
+                search_ref = src.reference.predict(calib.crops)
+                sens = measure_layers(cal, search_ref[:64], calib.crops[:64], pre)
+                res = search_mixed(cal, ranking(sens), search_ref, calib.crops, pre,
+                                   MixedConfig(max_shift_px=args.max_shift, max_p99_px=4 * args.max_shift, max_float_ops=args.max_float_ops))
+                extra = {"base": best[0], "float_ops": [o.label for o in res.float_ops], "met_on_search": res.met,
+                         "search_mean_px": res.shift.mean_px}
+                deny = [o.tensor for o in res.float_ops]
+                record(variant, {f: cal.quantize(deny, d) for f, d in io.items()}, extra)
+                continue
+            else:
+                raise SystemExit(f"unknown variant {variant}")
+            extra["seconds"] = round(time.perf_counter() - t, 1)
+            record(variant, {f: cal.quantize((), d) for f, d in io.items()}, extra)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", required=True, type=Path)
+    ap.add_argument("--calib", default=str(FIXTURES / "unlabeled"))
+    ap.add_argument("--calib-count", type=int, default=200)
+    ap.add_argument("--val-count", type=int, default=60)
+    ap.add_argument("--variants", default=",".join(ALL))
+    ap.add_argument("--max-shift", type=float, default=0.25)
+    ap.add_argument("--max-float-ops", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "int8_ablation.json")
+    args = ap.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    torch.set_num_threads(1)
+    rows: list[dict[str, Any]] = []
+    cache: dict[str, Any] = {}
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    for m in args.model:
+        rows += run_model(m, args, cache)
+        from pfld_export.io import atomic_write_json
+
+        atomic_write_json(args.json, {"meta": meta, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
