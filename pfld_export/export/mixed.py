@@ -60,6 +60,7 @@ class OpInfo:
     tensor: str
     label: str
     shape: tuple[int, ...]
+    inputs: tuple[str, ...] = ()  # names of the tensors it reads (activations and constants)
 
 
 @dataclass
@@ -81,6 +82,21 @@ class Calibrated:
             if o.tensor == tensor:
                 return o
         raise UsageError(f"no op writes tensor {tensor!r}; choose one of the model's op outputs")
+
+    def unit(self, tensor: str) -> list[str]:
+        """The op writing `tensor` plus every op reading it (through data-movement ops): what
+        must be float for that activation to never be int8. Floating one op alone only removes
+        its weight rounding, because its output is re-quantized for the next int8 op."""
+        out = [tensor]
+        todo = [tensor]
+        while todo:
+            t = todo.pop()
+            for o in self.ops:
+                if t in o.inputs and o.tensor not in out:
+                    out.append(o.tensor)
+                    if o.op in PASSTHROUGH_OPS:
+                        todo.append(o.tensor)
+        return out
 
     @property
     def quantizable(self) -> list[OpInfo]:
@@ -239,80 +255,6 @@ def _write_ranges(blob: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-_CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-
-
-def correct_biases(cal: Calibrated, inputs: np.ndarray, io_dtype: str = "float32", progress: Progress | None = None) -> Calibrated:
-    """Empirical bias correction on the real int8 kernels, layer by layer in graph order.
-
-    For each conv / depthwise / FC op: run the current int8 model and the float model on
-    `inputs`, take the per-channel mean of (dequantized int8 output - float output) at that op,
-    and subtract it from the op's float bias in the calibrated flatbuffer; the next op is then
-    measured on the corrected model, so corrections never double count. Activation ranges are
-    kept. This removes the systematic part of everything int8 does to a layer (weight rounding,
-    activation rounding, requantization); the random part stays.
-    """
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(cal.blob))
-    sg = model.subgraphs[0]
-    name_of = [(t.name.decode() if isinstance(t.name, bytes) else t.name) for t in sg.tensors]
-    convs = [op for op in sg.operators if _op_name(model, op) in _CONV_OPS and len(op.inputs) > 2 and op.inputs[2] >= 0]
-    outputs = [name_of[op.outputs[0]] for op in convs]
-    float_means = _channel_means(cal.blob, inputs, outputs, dequantize=False)
-    blob = cal.blob
-    for k, op in enumerate(convs):
-        out = outputs[k]
-        q = quantize_calibrated(blob, (), io_dtype)
-        err = _channel_means(q, inputs, [out], dequantize=True)[out] - float_means[out]
-        bias_t = sg.tensors[op.inputs[2]]
-        buf = model.buffers[bias_t.buffer]
-        bias = np.frombuffer(bytes(bytearray(buf.data)), dtype=np.float32).copy()
-        if bias.shape != err.shape:
-            continue  # not a per-channel bias (never seen in PFLD); leave it
-        bias -= err.astype(np.float32)
-        buf.data = np.frombuffer(bias.tobytes(), dtype=np.uint8)
-        blob = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-        if progress:
-            progress(f"bias correction {k + 1}/{len(convs)}: max |shift| {float(np.abs(err).max()):.3g}")
-    return Calibrated(blob=blob, ops=cal.ops, method=f"{cal.method}+bias", faces=cal.faces, ranges=dict(cal.ranges))
-
-
-def _op_name(model: Any, op: Any) -> str:
-    from ai_edge_litert import schema_py_generated as schema
-
-    oc = model.operatorCodes[op.opcodeIndex]
-    code = max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode))
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    return names.get(code, "")
-
-
-def _channel_means(blob: bytes, inputs: np.ndarray, tensors: Sequence[str], dequantize: bool) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) mean of the named tensors over `inputs`, dequantized if int8."""
-    interp = _interpreter(blob, keep_all=True)
-    inp = interp.get_input_details()[0]
-    det = {t["name"]: t for t in interp.get_tensor_details()}
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for k in range(len(inputs)):
-        x = np.ascontiguousarray(inputs[k : k + 1], np.float32)
-        if np.dtype(inp["dtype"]) != np.float32:
-            scale, zp = inp["quantization"]
-            x = np.clip(np.round(x / scale + zp), -128, 127).astype(inp["dtype"])
-        interp.set_tensor(inp["index"], x)
-        interp.invoke()
-        for name in tensors:
-            d = det[name]
-            a = interp.get_tensor(d["index"]).astype(np.float64)
-            if dequantize and np.dtype(d["dtype"]) != np.float32:
-                scale, zp = d["quantization"]
-                a = (a - zp) * scale
-            a = a.reshape(-1, a.shape[-1])
-            sums[name] = sums.get(name, 0) + a.mean(0)
-        count += 1
-    return {k: v / count for k, v in sums.items()}
-
-
 def list_ops(blob: bytes, labels: Sequence[str] | None = None) -> list[OpInfo]:
     """Ops of a (float, calibrated) flatbuffer in execution order, labelled.
 
@@ -325,20 +267,25 @@ def list_ops(blob: bytes, labels: Sequence[str] | None = None) -> list[OpInfo]:
     ops = interp._get_ops_details()  # no public op list; the TFLite debugger uses the same call
     convs = [o for o in ops if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
     use_labels = labels is not None and len(labels) == len(convs)
-    label_of_tensor: dict[int, str] = {}
+    base_of_tensor: dict[int, tuple[int, str]] = {}  # tensor -> (producer position, nearest conv label)
     out = []
     k = 0
-    for o in ops:
+    for pos, o in enumerate(ops):
         t = int(o["outputs"][0])
         if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
             label = labels[k] if use_labels and labels is not None else f"{o['op_name'].lower()} #{k}"
+            base = label
             k += 1
         else:
-            src = next((label_of_tensor[int(i)] for i in o["inputs"] if int(i) in label_of_tensor), "input")
-            label = f"{o['op_name'].lower()} after {src}"
-        label_of_tensor[t] = label
+            # Named after the conv behind its most recently computed input: a residual ADD
+            # after its block's projection, the concat after conv8.
+            srcs = [base_of_tensor[int(i)] for i in o["inputs"] if int(i) in base_of_tensor]
+            base = max(srcs)[1] if srcs else "input"
+            label = f"{o['op_name'].lower()} after {base}"
+        base_of_tensor[t] = (pos, base)
         out.append(OpInfo(index=int(o["index"]), op=o["op_name"], tensor=det[t]["name"], label=label,
-                          shape=tuple(int(v) for v in det[t]["shape"])))
+                          shape=tuple(int(v) for v in det[t]["shape"]),
+                          inputs=tuple(det[int(i)]["name"] for i in o["inputs"] if int(i) >= 0)))
     return out
 
 
@@ -361,6 +308,7 @@ class MixedConfig:
     max_float_ops: int = 16  # give up beyond this many float ops (the model is no longer int8)
     io_dtype: str = "float32"
     prune: bool = True  # after meeting the budget, try each float op back in int8
+    max_bytes: int | None = None  # float weights are 4x int8: a unit that pushes the file past this is skipped
 
     def __post_init__(self) -> None:
         if self.max_shift_px <= 0:
@@ -429,10 +377,18 @@ def search_mixed(
     blob, s = trial(chosen)
     best = (blob, list(chosen), s)
     for t in ranking:
-        if _meets(s, cfg) or len(chosen) >= cfg.max_float_ops:
+        if _meets(s, cfg):
             break
-        chosen.append(t)
-        blob, s = trial(chosen)
+        # Float the op and its readers, so its output activation stays float (see Calibrated.unit).
+        grown = chosen + [u for u in cal.unit(t) if u not in chosen]
+        if len(grown) == len(chosen):
+            continue
+        if len(grown) > cfg.max_float_ops:
+            break
+        b2, s2 = trial(grown)
+        if cfg.max_bytes is not None and len(b2) > cfg.max_bytes:
+            continue  # e.g. conv8's 200k weights in float32: over the size budget, try the next unit
+        chosen, blob, s = grown, b2, s2
         if _score(s, cfg) < _score(best[2], cfg):
             best = (blob, list(chosen), s)
     met = _meets(best[2], cfg)
@@ -520,6 +476,7 @@ class Int8Config:
     max_shift_px: float | None = None  # mean shift budget (px at 112); None: no search, best candidate wins
     max_p99_px: float | None = None
     max_float_ops: int = 16
+    max_bytes: int | None = None  # size budget the mixed search respects
     range_method: str = "minmax"
     equalize_alpha: float = 0.5
     measure_latency: bool = True
@@ -616,7 +573,7 @@ def fit_int8(
         candidates.append(Int8Candidate(m, s))
         say(f"{m}: mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on the search crops")
     budget = MixedConfig(max_shift_px=cfg.max_shift_px, max_p99_px=cfg.max_p99_px, max_float_ops=cfg.max_float_ops,
-                         io_dtype=first_io) if cfg.max_shift_px is not None else None
+                         io_dtype=first_io, max_bytes=cfg.max_bytes) if cfg.max_shift_px is not None else None
     rank_key = (lambda c: _score(c.shift, budget)) if budget else (lambda c: c.shift.mean_px)
     best = min(candidates, key=rank_key)
     cal = cals[best.method]
@@ -703,7 +660,10 @@ def int8_config_for(cfg: Any, formats: Sequence[Any]) -> Int8Config | None:
     if not calibrated:
         return None
     p99 = cfg.max_shift_p99 if cfg.max_shift_p99 is not None else (4.0 * cfg.max_shift if cfg.max_shift is not None else None)
-    return Int8Config(methods=tuple(methods), max_shift_px=cfg.max_shift, max_p99_px=p99, max_float_ops=cfg.max_float_ops)
+    from .formats import parse_size
+
+    return Int8Config(methods=tuple(methods), max_shift_px=cfg.max_shift, max_p99_px=p99, max_float_ops=cfg.max_float_ops,
+                      max_bytes=parse_size(cfg.size_budget))
 
 
 def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fit: Int8Fit | None) -> None:
