@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .bench.host import BenchConfig, BenchResult, benchmark, machine_info, tool_versions
+from .bench.host import BenchConfig, BenchResult, benchmark, tool_versions
 from .errors import BudgetError, UsageError
 from .io import atomic_write_json
 
