@@ -50,8 +50,8 @@ from pfld_export.export.sensitivity import conv_labels, measure_layers, ranking 
 from pfld_export.export.tflite import _convert_one, compact_tflite  # noqa: E402
 from pfld_export.export.validate import nme_of, shift_stats  # noqa: E402
 
-ALL = ("converter", "plain", "percentile", "calib50", "calib-aug", "eq-blocks", "eq-head", "eq-both", "eq-both-a1",
-       "eq-bias", "mixed")
+ALL = ("converter", "plain", "mse", "percentile", "percentile-5", "calib50", "calib-aug", "eq-blocks", "eq-head", "eq-both",
+       "eq-both-a1", "eq-bias", "eq-both-mse", "eq-bias-mse", "mixed", "mixed-fast", "mixed-all")
 
 
 def _augment(cs: CalibrationSet, seed: int) -> CalibrationSet:
@@ -68,6 +68,7 @@ def _augment(cs: CalibrationSet, seed: int) -> CalibrationSet:
 def _variant_weights(name: str, loaded: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
     if not name.startswith("eq-"):
         return loaded, {}
+    name = name.replace("-mse", "")
     cfg = {"eq-blocks": EqualizeConfig(head=False), "eq-head": EqualizeConfig(blocks=False),
            "eq-both": EqualizeConfig(), "eq-both-a1": EqualizeConfig(alpha=1.0), "eq-bias": EqualizeConfig()}[name]
     res = equalize(loaded.inference_model(), x, cfg)
@@ -141,25 +142,32 @@ def run_model(path: Path, args: argparse.Namespace, crops_cache: dict[str, Any])
                 continue
             if variant == "plain":
                 cal = plain_cal
+            elif variant == "mse":
+                cal, _ = calibrated(src.loaded, calib, "mse")
             elif variant == "percentile":
                 cal, _ = calibrated(src.loaded, calib, "percentile:99.99")
+            elif variant == "percentile-5":
+                cal, _ = calibrated(src.loaded, calib, "percentile:99.999")
             elif variant == "calib50":
                 cal, _ = calibrated(src.loaded, calib.subset(np.arange(min(50, len(calib))), "first 50 crops"))
             elif variant == "calib-aug":
                 cal, _ = calibrated(src.loaded, _augment(calib, 0))
             elif variant.startswith("eq-"):
                 loaded, extra = _variant_weights(variant, src.loaded, x_nchw)
-                cal, _ = calibrated(loaded, calib)
+                cal, _ = calibrated(loaded, calib, "mse" if variant.endswith("-mse") else "minmax")
                 weights_cache[variant] = cal
-            elif variant == "mixed":
+            elif variant in ("mixed", "mixed-fast", "mixed-all"):
                 best = min(((k, v) for k, v in weights_cache.items()), default=("plain", plain_cal),
                            key=lambda kv: shift_stats(src.reference.predict(calib.crops[:64]),
                                                       predict_blob(kv[1].quantize(), pre, calib.crops[:64])).mean_px)
                 cal = best[1]
                 search_ref = src.reference.predict(calib.crops)
                 sens = measure_layers(cal, search_ref[:64], calib.crops[:64], pre)
+                # mixed: up to --max-float-ops; mixed-fast: also within 1.15x latency; mixed-all: as many as it takes
+                limit = len(cal.ops) if variant == "mixed-all" else args.max_float_ops
                 res = search_mixed(cal, ranking(sens), search_ref, calib.crops, pre,
-                                   MixedConfig(max_shift_px=args.max_shift, max_p99_px=4 * args.max_shift, max_float_ops=args.max_float_ops))
+                                   MixedConfig(max_shift_px=args.max_shift, max_p99_px=4 * args.max_shift, max_float_ops=limit,
+                                               max_slowdown=1.15 if variant == "mixed-fast" else None))
                 extra = {"base": best[0], "float_ops": [o.label for o in res.float_ops], "met_on_search": res.met,
                          "search_mean_px": res.shift.mean_px}
                 deny = [o.tensor for o in res.float_ops]

@@ -159,7 +159,7 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--seed", type=int, default=None, help="Seed for weights, split, order and augmentation  [default: 0]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA if present.")
 @click.option("--workers", type=click.IntRange(0, 1), default=0, show_default=True, help="DataLoader worker processes (0 or 1 on 2 cores).")
-@click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: 1 if the machine is busy, else one per core]")
+@click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: 1 on <= 2 cores or a busy machine, else one per core]")
 @click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
@@ -262,15 +262,16 @@ def _format_names() -> str:
 @click.option("--max-shift", type=float, default=None, help="int8 budget: mean landmark shift vs float (px at 112, held-out faces). Tries equalised weights, then keeps the fewest sensitive ops float until it holds; exit 7 with the best figure if nothing does.")
 @click.option("--max-shift-p99", type=float, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
 @click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
-@click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: plain; plain,equalize,mixed with a budget]")
+@click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: plain; plain,equalize,equalize+bias,mixed with a budget]")
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
+@click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @friendly
 def convert(model: str, int8: bool, formats: str | None, calib: str | None, calib_count: int, val_images: str | None,
             eval_data: str | None, size_budget: str, out: str, name: str | None, width: float | None, color: str | None,
             mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool, max_shift: float | None = None,
             max_shift_p99: float | None = None, max_nme_increase: float | None = None, int8_methods: str | None = None,
-            max_float_ops: int = 16) -> None:
+            max_float_ops: int = 16, max_slowdown: float | None = 1.15) -> None:
     """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
     import os
     from pathlib import Path
@@ -287,7 +288,7 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
         color=color.upper() if color else None, mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"),
         keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
         int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
-        max_float_ops=max_float_ops,
+        max_float_ops=max_float_ops, max_slowdown=max_slowdown,
     )
     bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 

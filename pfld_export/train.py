@@ -494,15 +494,22 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
 
 
 def auto_threads() -> int | None:
-    """1 when the machine is already busy (1-minute load average >= its cores), else None (torch's
-    default, one per core). Measured on a 2-core machine shared with other jobs: a training step
-    with 2 OpenMP threads took 5x longer than with 1, because each thread waits for the other's
-    preempted slice; on an idle machine 2 threads are faster (benchmarks/training.md)."""
+    """1 on machines with at most 2 cores or already half busy (1-minute load average >= half the
+    cores); else None (torch's default, one per core).
+
+    Measured on the project's 2-core machine (benchmarks/training.md): one 0.25X training step on
+    32 faces took 0.36 s with 1 thread and 6-7 s with 2 while a single other process ran (18x),
+    and 1.2 s vs 5-11 s under heavy load; idle, 2 threads gain at most ~1.7x. OpenMP threads
+    wait for each other at every op, so one preempted thread stalls both.
+    """
+    cores = os.cpu_count() or 1
+    if cores <= 2:
+        return 1
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not on every platform
         return None
-    return 1 if load >= (os.cpu_count() or 1) else None
+    return 1 if load >= cores / 2 else None
 
 
 def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -137,8 +137,9 @@ def calibrate(keras_model: Any, func: Any, inputs: np.ndarray, method: str = "mi
               labels: Sequence[str] | None = None) -> Calibrated:
     """Calibrated float flatbuffer with activation ranges from `inputs` (float32 NHWC).
 
-    `method`: "minmax" (the converter's own rule) or "percentile:P" (e.g. percentile:99.99,
-    ranges at the P-th / (100-P)-th percentile of each tensor's values). `labels`: names of the
+    `method`: "minmax" (the converter's own rule), "mse" (per tensor, the min/max shrunk by the
+    factor with the least squared int8 error over sampled values) or "percentile:P" (e.g.
+    percentile:99.99, ranges at the P-th / (100-P)-th percentile of each tensor's values). `labels`: names of the
     model's conv/FC layers in forward order (PyTorch names), used to label ops.
     """
     import tensorflow as tf
@@ -165,13 +166,35 @@ def calibrate(keras_model: Any, func: Any, inputs: np.ndarray, method: str = "mi
     return Calibrated(blob=blob, ops=list_ops(blob, labels), method=method, faces=len(inputs), ranges=ranges)
 
 
+RANGE_METHODS = ("minmax", "mse", "percentile:P")
+_MSE_SHRINK = np.geomspace(1.0, 0.25, 24)  # candidate clip ranges, as fractions of min/max
+
+
 def _range_method(method: str) -> float | None:
+    """None for minmax, -1 for mse, else the percentile."""
     if method == "minmax":
         return None
+    if method == "mse":
+        return -1.0
     m = _PERCENTILE.fullmatch(method)
     if not m or not 50.0 < float(m.group(1)) <= 100.0:
-        raise UsageError(f"range method {method!r} is not understood; use minmax or percentile:P with 50 < P <= 100 (e.g. percentile:99.99)")
+        raise UsageError(f"range method {method!r} is not understood; use minmax, mse or percentile:P with 50 < P <= 100 (e.g. percentile:99.99)")
     return float(m.group(1))
+
+
+def _mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The clip range (min/max shrunk by one common factor) with the least int8 rounding +
+    clipping error over the sampled values `v`: what an outlier costs against what the
+    256 levels gain."""
+    best, err = (lo, hi), np.inf
+    for f in _MSE_SHRINK:
+        a, b = lo * f, hi * f
+        scale = max(b - a, 1e-12) / 255.0
+        q = np.clip(np.round((v - a) / scale), 0, 255) * scale + a
+        e = float(np.mean((q - v) ** 2))
+        if e < err:
+            best, err = (a, b), e
+    return best
 
 
 def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
@@ -231,11 +254,14 @@ def _measure_ranges(blob: bytes, inputs: np.ndarray, percentile: float | None) -
     for idx, name in tensors:
         if idx not in lo:
             continue
-        a, b = lo[idx], hi[idx]
+        a, b = min(lo[idx], 0.0), max(hi[idx], 0.0)  # int8 ranges always hold 0 (zero point)
         if percentile is not None and idx in samples:
             v = np.concatenate(samples[idx])
-            a, b = float(np.percentile(v, 100.0 - percentile)), float(np.percentile(v, percentile))
-        out[name] = (min(a, 0.0), max(b, 0.0))  # int8 ranges always hold 0 (zero point)
+            if percentile < 0:
+                a, b = _mse_range(v, a, b)
+            else:
+                a, b = min(float(np.percentile(v, 100.0 - percentile)), 0.0), max(float(np.percentile(v, percentile)), 0.0)
+        out[name] = (a, b)
     return out
 
 
@@ -309,6 +335,7 @@ class MixedConfig:
     io_dtype: str = "float32"
     prune: bool = True  # after meeting the budget, try each float op back in int8
     max_bytes: int | None = None  # float weights are 4x int8: a unit that pushes the file past this is skipped
+    max_slowdown: float | None = None  # latency vs the all-int8 model (XNNPACK, 1 thread); a unit past it is skipped
 
     def __post_init__(self) -> None:
         if self.max_shift_px <= 0:
@@ -317,6 +344,8 @@ class MixedConfig:
             raise UsageError(f"--max-shift-p99 {self.max_p99_px} must be a positive number of pixels")
         if self.max_float_ops < 0:
             raise UsageError(f"--max-float-ops {self.max_float_ops} must be >= 0")
+        if self.max_slowdown is not None and self.max_slowdown < 1.0:
+            raise UsageError(f"--max-slowdown {self.max_slowdown} must be >= 1 (a ratio to the all-int8 model's latency)")
 
 
 @dataclass
@@ -376,6 +405,7 @@ def search_mixed(
     chosen: list[str] = []
     blob, s = trial(chosen)
     best = (blob, list(chosen), s)
+    all_int8 = blob
     for t in ranking:
         if _meets(s, cfg):
             break
@@ -388,6 +418,8 @@ def search_mixed(
         b2, s2 = trial(grown)
         if cfg.max_bytes is not None and len(b2) > cfg.max_bytes:
             continue  # e.g. conv8's 200k weights in float32: over the size budget, try the next unit
+        if cfg.max_slowdown is not None and latency_ratio(b2, all_int8, crops[:1], preprocess, runs=30)[0] > cfg.max_slowdown:
+            continue  # float convs on 56x56 maps cost more than they buy back; try a cheaper unit
         chosen, blob, s = grown, b2, s2
         if _score(s, cfg) < _score(best[2], cfg):
             best = (blob, list(chosen), s)
@@ -464,7 +496,7 @@ def default_environment() -> None:
 # candidate, and the best candidate on the search crops wins.
 WEIGHT_FIXES: tuple[str, ...] = ("equalize", "equalize+bias")
 INT8_METHODS: tuple[str, ...] = ("plain",) + WEIGHT_FIXES + ("mixed",)
-DEFAULT_METHODS: tuple[str, ...] = ("plain", "equalize", "mixed")
+DEFAULT_METHODS: tuple[str, ...] = ("plain", "equalize", "equalize+bias", "mixed")
 RANKING_CROPS = 64  # crops for the per-op ranking that orders the mixed-precision search
 
 
@@ -477,7 +509,8 @@ class Int8Config:
     max_p99_px: float | None = None
     max_float_ops: int = 16
     max_bytes: int | None = None  # size budget the mixed search respects
-    range_method: str = "minmax"
+    max_slowdown: float | None = None  # latency budget of the mixed search, vs all-int8
+    range_methods: tuple[str, ...] = ("minmax", "mse")  # each weight variant is calibrated with each
     equalize_alpha: float = 0.5
     measure_latency: bool = True
 
@@ -489,7 +522,10 @@ class Int8Config:
             raise UsageError(f"--max-shift {self.max_shift_px} must be a positive number of pixels")
         if self.max_p99_px is not None and self.max_p99_px <= 0:
             raise UsageError(f"--max-shift-p99 {self.max_p99_px} must be a positive number of pixels")
-        _range_method(self.range_method)
+        if not self.range_methods:
+            raise UsageError("int8 fitting needs at least one activation range method (minmax, mse, percentile:P)")
+        for m in self.range_methods:
+            _range_method(m)
 
 
 @dataclass
@@ -534,9 +570,10 @@ def fit_int8(
     """Build each calibrated format (name -> I/O dtype in `io_dtypes`) the best way `cfg` allows.
 
     Candidates: plain int8 of `onnx_artifact`; for a checkpoint (`loaded`), the weight fixes in
-    `cfg.methods`, each re-exported and calibrated on the same crops; the best by search-crop
-    shift is kept. With a budget that the best still misses and "mixed" in `cfg.methods`, the
-    fewest float ops that meet it are searched (`search_mixed`). Nothing is written here.
+    `cfg.methods`, each re-exported; every one calibrated on the same crops with each of
+    `cfg.range_methods`; the best by search-crop shift is kept. With a budget that the best
+    still misses and "mixed" in `cfg.methods`, the fewest float ops that meet it are searched
+    (`search_mixed`). Nothing is written here.
     """
     from .tflite import compact_tflite
 
@@ -546,26 +583,26 @@ def fit_int8(
     ref = reference.predict(calib.crops)
     labels = _labels(loaded)
 
-    def calibrated(art: Any) -> Calibrated:
+    def calibrated(name: str, art: Any) -> dict[str, Calibrated]:
+        """One Keras conversion, one calibration per range method: "name" for minmax, "name/mse"..."""
         keras_model, func = keras_function(art, inputs)
-        return calibrate(keras_model, func, inputs, cfg.range_method, labels)
+        return {name if r == "minmax" else f"{name}/{r}": calibrate(keras_model, func, inputs, r, labels) for r in cfg.range_methods}
 
     say("calibrating plain int8")
-    cals: dict[str, Calibrated] = {"plain": calibrated(onnx_artifact)}
+    cals: dict[str, Calibrated] = calibrated("plain", onnx_artifact)
     equalized: list[str] = []
     fixes = [m for m in WEIGHT_FIXES if m in cfg.methods]
     if fixes and loaded is None:
         say("weight fixes skipped: an ONNX source has no PyTorch weights to rewrite")
     elif fixes:
-        for m in fixes:
+        for m, (fixed, names) in zip(fixes, _fixed_weights(loaded, calib.crops, pre, fixes, cfg.equalize_alpha)):
             say(f"calibrating {m}")
-            fixed, names = _fixed_weights(loaded, calib.crops, pre, m, cfg.equalize_alpha)
             equalized = equalized or names
             with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
                 from .onnx import OnnxConfig, to_onnx
 
                 art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
-                cals[m] = calibrated(art)
+                cals.update(calibrated(m, art))
     first_io = next(iter(io_dtypes.values()), "float32")
     candidates = []
     for m, cal in cals.items():
@@ -573,7 +610,7 @@ def fit_int8(
         candidates.append(Int8Candidate(m, s))
         say(f"{m}: mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on the search crops")
     budget = MixedConfig(max_shift_px=cfg.max_shift_px, max_p99_px=cfg.max_p99_px, max_float_ops=cfg.max_float_ops,
-                         io_dtype=first_io, max_bytes=cfg.max_bytes) if cfg.max_shift_px is not None else None
+                         io_dtype=first_io, max_bytes=cfg.max_bytes, max_slowdown=cfg.max_slowdown) if cfg.max_shift_px is not None else None
     rank_key = (lambda c: _score(c.shift, budget)) if budget else (lambda c: c.shift.mean_px)
     best = min(candidates, key=rank_key)
     cal = cals[best.method]
@@ -598,7 +635,7 @@ def fit_int8(
     fit = Int8Fit(_blobs=blobs, method=best.method, float_ops=[o.label for o in float_ops],
                   float_op_types=float_op_count(next(iter(blobs.values()))) if blobs else {}, candidates=candidates,
                   met=met, search=f"{len(calib.crops)} calibration crops vs the float source", equalized=equalized)
-    plain = cals["plain"]
+    plain = cals["plain"] if "plain" in cals else next(iter(cals.values()))
     for name, io in io_dtypes.items():
         base = compact_tflite(plain.quantize((), io))
         fit.plain_bytes[name] = len(base)
@@ -615,8 +652,9 @@ def _labels(loaded: Any | None) -> list[str] | None:
     return conv_labels(loaded)
 
 
-def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, method: str, alpha: float) -> tuple[Any, list[str]]:
-    """A copy of `loaded` with equalised (and, for equalize+bias, bias-corrected) float weights."""
+def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, methods: Sequence[str], alpha: float) -> Iterator[tuple[Any, list[str]]]:
+    """Copies of `loaded` with equalised (and, for equalize+bias, also bias-corrected) float
+    weights, one per method in order; the equalisation is computed once and shared."""
     import dataclasses
 
     import torch
@@ -628,12 +666,12 @@ def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, method: str,
     torch.set_num_threads(1)  # small forwards: one thread avoids oversubscribing shared cores
     try:
         eq = equalize(loaded.inference_model(), x, EqualizeConfig(alpha=alpha))
-        net = eq.model
-        if method == "equalize+bias":
-            net = bias_correct(net, x).model
+        names = [t.name for t in eq.tensors]
+        for m in methods:
+            net = bias_correct(eq.model, x).model if m == "equalize+bias" else eq.model
+            yield dataclasses.replace(loaded, model=net.pfld), names
     finally:
         torch.set_num_threads(prev)
-    return dataclasses.replace(loaded, model=net.pfld), [t.name for t in eq.tensors]
 
 
 def int8_config_for(cfg: Any, formats: Sequence[Any]) -> Int8Config | None:
@@ -663,7 +701,7 @@ def int8_config_for(cfg: Any, formats: Sequence[Any]) -> Int8Config | None:
     from .formats import parse_size
 
     return Int8Config(methods=tuple(methods), max_shift_px=cfg.max_shift, max_p99_px=p99, max_float_ops=cfg.max_float_ops,
-                      max_bytes=parse_size(cfg.size_budget))
+                      max_bytes=parse_size(cfg.size_budget), max_slowdown=cfg.max_slowdown)
 
 
 def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fit: Int8Fit | None) -> None:

@@ -63,6 +63,7 @@ class ConvertConfig:
     max_nme_increase: float | None = None  # needs eval_data
     int8_methods: tuple[str, ...] | None = None  # None: plain int8, or mixed.DEFAULT_METHODS when a budget is set
     max_float_ops: int = 16
+    max_slowdown: float | None = 1.15  # latency the mixed search may add, as a ratio to all-int8
 
 
 @dataclass
