@@ -14,6 +14,7 @@ help:
 	@echo "make bench      host latency benchmark -> benchmarks/results/"
 	@echo "make bench-arm  MODEL=... [SERIAL=...] [BENCHMARK_MODEL=...] latency on an adb device"
 	@echo "make check      size / latency / accuracy regression gate against models/baselines.json"
+	@echo "make bench-int8 int8 fidelity ablation on real faces (needs ../shared/fixtures) -> benchmarks/int8_fidelity.md"
 
 install: $(STAMP)
 
@@ -80,3 +81,20 @@ test-arm: install
 # make check [CHECK_ARGS="--update"]   (--update rewrites the baselines deliberately: review the diff)
 check: install
 	$(BIN)/pfld-export check --baseline models/baselines.json $(CHECK_ARGS)
+# [bench-int8]
+# int8 fidelity ablation (issue 8) on real faces: needs ../shared/fixtures and the trained synthetic models
+# (make bench-int8-models trains them: 0.25X 15 epochs + 1X 4 epochs, ~15 min on 2 cores). Results:
+# benchmarks/results/int8_ablation_*.json; summary by hand in benchmarks/int8_fidelity.md.
+INT8_VARIANTS ?= converter,plain,mse,calib-aug,eq-blocks,eq-both,eq-bias,eq-both-mse,eq-bias-mse,mixed,mixed-fast
+.PHONY: bench-int8 bench-int8-models
+bench-int8-models: install
+	test -f out/models/w025/best.pth || $(BIN)/pfld-export train --data synthetic --width 0.25 --epochs 15 --out out/models/w025
+	test -f out/models/w100/best.pth || $(BIN)/pfld-export train --data synthetic --width 1.0 --epochs 4 --out out/models/w100
+
+bench-int8: bench-int8-models
+	@test -d ../shared/fixtures/unlabeled || { echo "bench-int8 needs real faces in ../shared/fixtures/unlabeled (project machines only)" >&2; exit 2; }
+	$(BIN)/python benchmarks/int8_ablation.py --model ../shared/fixtures/checkpoints/pfld17_w050_dwconv2_polariszhao_layout.pth.tar \
+		--variants $(INT8_VARIANTS),percentile,calib50,eq-head,mixed-all --json benchmarks/results/int8_ablation_pfld17.json
+	$(BIN)/python benchmarks/int8_ablation.py --model out/models/w025/best.pth --model out/models/w100/best.pth \
+		--variants $(INT8_VARIANTS) --json benchmarks/results/int8_ablation_synthetic.json
+	$(BIN)/python benchmarks/int8_ablation.py --markdown benchmarks/results/int8_ablation_pfld17.json benchmarks/results/int8_ablation_synthetic.json

@@ -180,7 +180,27 @@ def run_model(path: Path, args: argparse.Namespace, crops_cache: dict[str, Any])
     return rows
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per model: variant, int8 (float I/O) and full-int8 shift, NME change, size, latency."""
+    out: list[str] = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        out += [f"### `{Path(model).parent.name}/{Path(model).name}`", "",
+                "| variant | int8 mean / p99 px | full-int8 mean / p99 px | NME change (int8) | bytes (full-int8) | latency vs converter int8 | float ops |",
+                "|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["model"] == model):
+            a, f = r.get("int8", {}), r.get("full-int8", {})
+            nme = ", ".join(f"{k.split(' (')[0]} {v:+.4f}" for k, v in a.get("nme_increase", {}).items()) or "n/a (no labels in this layout)"
+            lat = f"{a.get('latency_ratio', float('nan')):.2f}x / {f.get('latency_ratio', float('nan')):.2f}x"
+            out.append(f"| {r['variant']} | {a['mean_px']:.3f} / {a['p99_px']:.2f} | {f['mean_px']:.3f} / {f['p99_px']:.2f} | {nme} | "
+                       f"{f['bytes']:,} | {lat} | {len(r.get('float_ops', []))} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--markdown"]:  # python benchmarks/int8_ablation.py --markdown results.json ...
+        print(markdown([r for p in sys.argv[2:] for r in json.loads(Path(p).read_text())["rows"]]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True, type=Path)
     ap.add_argument("--calib", default=str(FIXTURES / "unlabeled"))

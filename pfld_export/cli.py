@@ -162,16 +162,31 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: 1 on <= 2 cores or a busy machine, else one per core]")
 @click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
+@click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning of --init: its int8 conversion learns to match its float landmarks (self-distillation, no labels needed; --data may be a folder of face photos). Writes OUT/qat.pth.")
+@click.option("--qat-steps", type=click.IntRange(1, None), default=300, show_default=True, help="Optimizer steps for --qat.")
+@click.option("--val-images", default=None, help="--qat: held-out faces for the figures (folder or spec); default: photos held out of --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @friendly
 def train(data: str | None, val_data: str | None, val_fraction: float | None, width: float | None, points: int | None,
           conv2: str | None, epochs: int, batch: int | None, lr: float | None, weight_decay: float | None, loss: str | None,
           schedule: str | None, out: str, resume: str | None, init: str | None, seed: int | None, device: str,
-          workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool) -> None:
+          workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
+          qat_steps: int = 300, val_images: str | None = None) -> None:
     """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json."""
     from pathlib import Path
 
     from tqdm import tqdm
+
+    if qat:
+        _train_qat(data, val_images, init, out, qat_steps, batch, lr, seed, threads, no_augment, cache_dir, as_json,
+                   unused={"--val-data": val_data, "--val-fraction": val_fraction, "--width": width, "--points": points,
+                           "--conv2": conv2, "--weight-decay": weight_decay, "--loss": loss, "--schedule": schedule,
+                           "--resume": resume})
+        return
+    if val_images is not None:
+        from .errors import UsageError
+
+        raise UsageError("--val-images goes with --qat; for training use --val-data")
 
     from .report import format_train, format_train_epoch, to_json
     from .train import TrainConfig, TrainEvent, train as run_train
@@ -221,6 +236,38 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     click.echo(to_json(result) if as_json else format_train(result))
 
 # [convert]
+def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, batch: int | None,
+               lr: float | None, seed: int | None, threads: int | None, no_augment: bool, cache_dir: str | None,
+               as_json: bool, unused: dict[str, Any]) -> None:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .errors import UsageError
+    from .qat import QATConfig, qat as run_qat
+    from .report import format_qat, to_json
+
+    if init is None:
+        raise UsageError("--qat fine-tunes a trained float checkpoint: add --init CKPT")
+    given = [k for k, v in unused.items() if v is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} do(es) not apply to --qat (it keeps --init's architecture and trains by distillation); drop them")
+    cfg = QATConfig(init=Path(init), out=Path(out), data=data, val_images=val_images, steps=steps,
+                    batch=batch or QATConfig.batch, lr=lr or QATConfig.lr, seed=seed or 0, threads=threads,
+                    augment=not no_augment, cache_dir=Path(cache_dir) if cache_dir else None)
+    bar = tqdm(total=steps, desc="qat", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="step")
+
+    def progress(step: int, _total: int, loss_px: float) -> None:
+        bar.set_postfix(loss_px=f"{loss_px:.3f}", refresh=False)
+        bar.update(step - bar.n)
+
+    try:
+        result = run_qat(cfg, progress)
+    finally:
+        bar.close()
+    click.echo(to_json(result) if as_json else format_qat(result))
+
+
 def _three_floats(value: str | None, what: str) -> tuple[float, float, float] | None:
     """`0.5` -> (0.5, 0.5, 0.5); `0.485,0.456,0.406` -> that triple; None stays None."""
     from .errors import UsageError
@@ -265,13 +312,14 @@ def _format_names() -> str:
 @click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: plain; plain,equalize,equalize+bias,mixed with a budget]")
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a --qat checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @friendly
 def convert(model: str, int8: bool, formats: str | None, calib: str | None, calib_count: int, val_images: str | None,
             eval_data: str | None, size_budget: str, out: str, name: str | None, width: float | None, color: str | None,
             mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool, max_shift: float | None = None,
             max_shift_p99: float | None = None, max_nme_increase: float | None = None, int8_methods: str | None = None,
-            max_float_ops: int = 16, max_slowdown: float | None = 1.15) -> None:
+            max_float_ops: int = 16, max_slowdown: float | None = 1.15, reference: str | None = None) -> None:
     """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
     import os
     from pathlib import Path
@@ -288,7 +336,7 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
         color=color.upper() if color else None, mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"),
         keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
         int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
-        max_float_ops=max_float_ops, max_slowdown=max_slowdown,
+        max_float_ops=max_float_ops, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
     )
     bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 

@@ -166,6 +166,20 @@ def format_train(result: Any) -> str:
     out.append(f"wall time   {result.wall_s:.1f} s on {result.device}")
     return "\n".join(out)
 
+def format_qat(result: Any) -> str:
+    """`pfld-export train --qat` report: simulated int8 shift before/after on held-out faces."""
+    b, a, d = result.simulated_int8_before, result.simulated_int8_after, result.float_drift
+    rows = [("int8 (simulated) before", b.mean_px, b.p99_px, b.max_px), ("int8 (simulated) after", a.mean_px, a.p99_px, a.max_px),
+            ("tuned float (not shipped)", d.mean_px, d.p99_px, d.max_px)]
+    out = [table(["vs the teacher's float landmarks, px at 112", "mean", "p99", "max"], rows), ""]
+    out.append(f"teacher     {result.teacher}")
+    out.append(f"trained on  {result.calibration}")
+    out.append(f"measured on {result.validation}")
+    out.append(f"checkpoint  {result.checkpoint} ({result.steps} steps, {result.seconds:.0f} s)")
+    out.append(f"next        pfld-export convert {result.checkpoint} --int8 --reference {result.teacher} --calib <the same faces>")
+    return "\n".join(out)
+
+
 # [convert]
 def format_convert(rep: Any) -> str:
     """`pfld-export convert` output: what went in, one row per .tflite, failed checks, timings."""
@@ -178,14 +192,14 @@ def format_convert(rep: Any) -> str:
         f"source       {rep.source} ({rep.source_kind}, {what})",
         f"preprocess   {rep.preprocess['color']}, x*{rep.preprocess['scale']:.6g}, mean {rep.preprocess['mean']}, std {rep.preprocess['std']}",
         f"calibration  {rep.calibration}",
-        f"validation   {rep.validation} (shifts are vs {rep.reference})",
+        f"validation   {rep.validation} (shifts are vs {rep.reference_model + ' (--reference)' if rep.reference_model else rep.reference})",
         f"onnx         opset {rep.onnx.opset}, {sum(rep.onnx.op_types.values())} nodes, ORT vs {rep.reference} max "
         f"{par.max_px:.2g} px (tolerance {par.atol_px:g}){' -> ' + str(rep.onnx.path) if rep.onnx_kept else ''}",
     ]
     if rep.onnx.rewrites:
         lines.append(f"             {len(rep.onnx.rewrites)} whole-map AveragePool -> ReduceMean (same math; int8-safe head)")
     if rep.eval_data:
-        lines.append(f"eval data    {rep.eval_data}: source NME {rep.reference_nme:.4f}")
+        lines.append(f"eval data    {rep.eval_data}: {'reference' if rep.reference_model else 'source'} NME {rep.reference_nme:.4f}")
     rows = []
     for f in rep.formats:
         s = f.shift

@@ -617,19 +617,26 @@ def fit_int8(
     float_ops: list[OpInfo] = []
     met = None if budget is None else _meets(best.shift, budget)
     if budget is not None and not met and "mixed" in cfg.methods:
-        say(f"ranking ops of {best.method} for mixed precision")
         from .sensitivity import measure_layers, ranking
 
+        # Bias correction changes the float network on purpose, so floating ops of that variant
+        # can never get below its float drift (measured: 0.46 px with 60 float ops on the
+        # 17-point fixture); the best float-preserving variant is searched as well.
+        bases = [best.method]
+        exact = [c for c in candidates if "+bias" not in c.method]
+        if "+bias" in best.method and exact:
+            bases.append(min(exact, key=rank_key).method)
         k = min(len(calib.crops), RANKING_CROPS)
-        sens = measure_layers(cal, ref[:k], calib.crops[:k], pre, first_io)
-        res = search_mixed(cal, ranking(sens), ref, calib.crops, pre, budget, progress=say)
-        float_ops, met = res.float_ops, res.met
-        cand = Int8Candidate(f"{best.method}+mixed", res.shift, [o.label for o in res.float_ops])
-        candidates.append(cand)
-        if _score(res.shift, budget) < _score(best.shift, budget):
-            best = cand
-        else:
-            float_ops = []
+        for base in bases:
+            say(f"ranking ops of {base} for mixed precision")
+            sens = measure_layers(cals[base], ref[:k], calib.crops[:k], pre, first_io)
+            res = search_mixed(cals[base], ranking(sens), ref, calib.crops, pre, budget, progress=say)
+            cand = Int8Candidate(f"{base}+mixed", res.shift, [o.label for o in res.float_ops])
+            candidates.append(cand)
+            if _score(res.shift, budget) < _score(best.shift, budget):
+                best, cal, float_ops, met = cand, cals[base], res.float_ops, res.met
+            if met:
+                break
     deny = [o.tensor for o in float_ops]
     blobs = {name: compact_tflite(cal.quantize(deny, io)) for name, io in io_dtypes.items()}
     fit = Int8Fit(_blobs=blobs, method=best.method, float_ops=[o.label for o in float_ops],

@@ -64,6 +64,9 @@ class ConvertConfig:
     int8_methods: tuple[str, ...] | None = None  # None: plain int8, or mixed.DEFAULT_METHODS when a budget is set
     max_float_ops: int = 16
     max_slowdown: float | None = 1.15  # latency the mixed search may add, as a ratio to all-int8
+    # Float model the shift and NME-increase checks are measured against instead of the source's
+    # own float (a QAT checkpoint is read against its teacher: the landmarks the user validated).
+    reference: Path | None = None
 
 
 @dataclass
@@ -101,6 +104,7 @@ class ConvertReport:
     report_path: Path
     tool_version: str = __version__
     int8_fit: Any | None = None  # mixed.Int8Fit when the int8 variants were fitted (methods / budgets)
+    reference_model: str | None = None  # --reference: the float model shifts were measured against
     passed: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +131,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     stage = _stage_timer(timings, progress)
     with stage("load"):
         src = load_source(cfg)
+        target = _reference(cfg, src)
     name = cfg.name or _stem(src.path)
     vcfg = ValidateConfig(size_budget=size_budget)
     if cfg.eval_data:  # before converting: a bad spec or point layout should fail in seconds
@@ -134,7 +139,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
             from ..data.specs import load_spec
 
             vcfg.eval_records = load_spec(cfg.eval_data, cache_dir=cfg.cache_dir).records
-            vcfg.reference_nme = nme_of(src.reference, vcfg.eval_records)
+            vcfg.reference_nme = nme_of(target, vcfg.eval_records)
     with stage("calibration crops"):
         calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.val_images, src.preprocess, cfg.calib_count,
                                                 cfg.val_count, cfg.seed, cfg.detector, cfg.cache_dir)
@@ -143,14 +148,15 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
         with stage("onnx"):
             art = to_onnx(src.loaded, ocfg) if src.kind == "checkpoint" else import_onnx(src.path, src.preprocess, ocfg)
         with stage("onnx parity"):
-            ref_points = src.reference.predict(val.crops)
-            parity = check_parity(src.reference, open_predictor(art.path), val.crops, cfg.parity_atol_px, ref_points)
+            src_points = src.reference.predict(val.crops)
+            parity = check_parity(src.reference, open_predictor(art.path), val.crops, cfg.parity_atol_px, src_points)
+            ref_points = src_points if target is src.reference else target.predict(val.crops)
         fit = None
         if int8_cfg is not None:
             from .mixed import fit_int8
 
             with stage("int8 fit"):
-                fit = fit_int8(src.loaded, art, calib, {f.name: f.io_dtype for f in formats if f.calibrated}, src.reference,
+                fit = fit_int8(src.loaded, art, calib, {f.name: f.io_dtype for f in formats if f.calibrated}, target,
                                int8_cfg, progress=lambda m: progress and progress(f"int8 fit: {m}", None))
         with stage("tflite"):
             tcfg = TfliteConfig(out_dir=out, name=name, source=str(src.path))
@@ -170,7 +176,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
         preprocess=src.preprocess.to_dict(), calibration=calib.description, validation=val.description, onnx=art,
         onnx_kept=cfg.keep_onnx, parity=parity, artifacts=artifacts, formats=rows, size_budget=size_budget,
         eval_data=cfg.eval_data, reference_nme=vcfg.reference_nme, timings=timings, report_path=out / "report.json",
-        int8_fit=fit,
+        int8_fit=fit, reference_model=str(cfg.reference) if cfg.reference else None,
     )
     from ..report import to_jsonable
 
@@ -208,6 +214,20 @@ def load_source(cfg: ConvertConfig) -> Source:
     loaded.meta.preprocess = pre
     ref = TorchPredictor(path=path, preprocess=pre, module=loaded.inference_model(), num_points=loaded.meta.model.points, name=path.name)
     return Source(kind="checkpoint", path=path, preprocess=pre, reference=ref, model=loaded.meta.model.to_dict(), loaded=loaded)
+
+
+def _reference(cfg: ConvertConfig, src: Source) -> Predictor:
+    """The float predictor shifts are read against: --reference's, or the source's own."""
+    if cfg.reference is None:
+        return src.reference
+    ref = load_source(ConvertConfig(model=Path(cfg.reference), color=cfg.color, mean=cfg.mean, std=cfg.std))
+    if ref.reference.num_points != src.reference.num_points:
+        raise UsageError(f"--reference {cfg.reference} predicts {ref.reference.num_points} points, {src.path.name} "
+                         f"{src.reference.num_points}; pass the float model this one was tuned from")
+    if ref.preprocess.to_dict() != src.preprocess.to_dict():
+        raise UsageError(f"--reference {cfg.reference} expects different preprocessing ({ref.preprocess.to_dict()}) than "
+                         f"{src.path.name} ({src.preprocess.to_dict()}); pass the float model this one was tuned from")
+    return ref.reference
 
 
 def _check_width(asked: float | None, actual: float | None, path: Path) -> None:

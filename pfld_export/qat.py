@@ -1,0 +1,359 @@
+"""Quantization-aware fine-tuning by self-distillation: `pfld-export train --qat --init CKPT`.
+
+    qat(QATConfig(init=..., data="photos/", out=...)) -> QATResult
+
+Post-training int8 moves a PFLD's landmarks by 1-3 px on a 112 crop (benchmarks/int8_fidelity.md).
+This stage fine-tunes the float weights so that *the int8 model the converter will build from
+them* reproduces the original float model. It needs no landmark labels: the teacher is the
+`--init` checkpoint itself, frozen, and the loss is the distance between the teacher's float
+landmarks and the student's simulated-int8 landmarks on real face crops (the same kind of
+crops int8 calibration uses). So any checkpoint can be tuned on any folder of face photos,
+including a third-party one whose training data is not available.
+
+The simulation mirrors what TFLite's int8 quantizer does to PFLD (`FakeQuantPFLD`):
+* BN folded into the conv exactly as the converter folds it (frozen running statistics), then
+  per-output-channel symmetric int8 weights (scale max|w|/127, [-127, 127]), for every conv,
+  depthwise conv and the FC;
+* one asymmetric int8 scale per activation tensor at each point the int8 graph requantizes:
+  the input, every conv output after its fused ReLU, every residual ADD, and one shared scale
+  for the CONCATENATION of S1/S2/S3 (the converter forces the concat's scale onto its inputs);
+  the FC output (the landmarks themselves, dequantized at the end);
+* activation ranges are min/max of the float network over the calibration crops (including 0),
+  the converter's own rule, re-measured every `range_every` steps as the weights move.
+Gradients pass the rounding straight through (STE). The tuned checkpoint is an ordinary PFLD
+checkpoint (same keys: BN is still BN), so `convert` turns it into int8 as usual; its
+`provenance.qat` names the teacher, and `convert --reference TEACHER` measures the int8 model
+against the original float landmarks, which is what matters to a user.
+
+Held-out photos (whole images, the convert pipeline's split) are never trained on; the shift
+figures in the result are measured on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UsageError
+from .model import PFLD, LandmarkModel
+
+Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
+ACT_QMIN, ACT_QMAX = -128, 127  # int8 activations, asymmetric
+W_QMAX = 127  # int8 weights, symmetric, [-127, 127] (TFLite's per-channel rule)
+RANGE_METHODS = ("minmax", "mse")  # activation ranges QAT trains against; convert calibrates with the same
+TRAINABLE = ("all", "affine")
+_SAMPLES_PER_CHUNK = 4096  # activation values kept per site and chunk for mse ranges
+
+
+@dataclass
+class QATConfig:
+    """What `pfld-export train --qat` takes."""
+
+    init: Path  # the float checkpoint: starting weights and the frozen teacher
+    out: Path = Path("out/qat")
+    data: str | None = None  # face photos folder or dataset spec (labels unused); None: synthetic
+    val_images: str | None = None  # held-out faces for the figures; None: photos held out of `data`
+    calib_count: int = 200
+    val_count: int = 60
+    steps: int = 300
+    batch: int = 32
+    lr: float = 5e-5
+    range_every: int = 25  # re-measure activation ranges every this many steps
+    range_method: str = "mse"  # "minmax" or "mse"; convert's int8 fit calibrates with both and keeps the better
+    trainable: str = "all"  # "all" weights, or "affine": BN scales/shifts and biases only (a learned bias correction)
+    augment: bool = True
+    seed: int = 0
+    threads: int | None = None
+    detector: Any | None = None
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UsageError(f"--qat-steps {self.steps} must be at least 1")
+        if self.batch < 1:
+            raise UsageError(f"--batch {self.batch} must be at least 1")
+        if not self.lr > 0:
+            raise UsageError(f"--lr {self.lr} must be positive")
+        if self.range_every < 1:
+            raise UsageError(f"range_every {self.range_every} must be at least 1")
+        if self.trainable not in TRAINABLE:
+            raise UsageError(f"QAT trainable set {self.trainable!r} unknown; choose {' or '.join(TRAINABLE)}")
+        if self.range_method not in RANGE_METHODS:
+            raise UsageError(f"QAT range method {self.range_method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
+
+
+@dataclass
+class QATShift:
+    """Landmark distance to the teacher on held-out crops (px at 112)."""
+
+    mean_px: float
+    p99_px: float
+    max_px: float
+
+
+@dataclass
+class QATResult:
+    """The tuned checkpoint and what the simulation measured before and after."""
+
+    checkpoint: Path
+    teacher: str
+    steps: int
+    calibration: str
+    validation: str
+    simulated_int8_before: QATShift  # fake-quant student vs teacher, held-out, before tuning
+    simulated_int8_after: QATShift
+    float_drift: QATShift  # the tuned float network vs the teacher (it is not what ships)
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --- the simulated int8 network ---------------------------------------------------------------
+
+def _fold(conv: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of conv(+BN) as one op, differentiable in the conv and BN parameters."""
+    w = conv.weight
+    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if bn is None:
+        return w, b
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return w * s.view(-1, *([1] * (w.dim() - 1))), (b - bn.running_mean) * s + bn.bias
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 rounding with a straight-through gradient."""
+    dims = tuple(range(1, w.dim()))
+    s = (w.detach().abs().amax(dim=dims) / W_QMAX).clamp_min(1e-12)
+    zp = torch.zeros_like(s, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, s, zp, 0, -W_QMAX, W_QMAX)
+
+
+def _act_params(lo: float, hi: float) -> tuple[float, int]:
+    """TFLite's asymmetric int8 scale and zero point for the range [lo, hi] (which holds 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-8) / (ACT_QMAX - ACT_QMIN)
+    zp = int(np.clip(round(ACT_QMIN - lo / scale), ACT_QMIN, ACT_QMAX))
+    return scale, zp
+
+
+class FakeQuantPFLD(nn.Module):
+    """PFLD's inference forward with int8 rounding where the TFLite int8 graph has it.
+
+    `mode`: "float" (plain forward), "observe" (plain forward, widening each site's min/max),
+    "quant" (fake-quantized weights and activations). Parameters are the wrapped PFLD's own,
+    so training this trains the checkpoint.
+    """
+
+    def __init__(self, pfld: PFLD) -> None:
+        super().__init__()
+        self.pfld = pfld
+        self.mode = "quant"
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self._samples: dict[str, list[np.ndarray]] | None = None  # values kept while observing (mse ranges)
+        self._rng = np.random.default_rng(0)
+
+    def _act(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            lo, hi = self.ranges.get(site, (0.0, 0.0))
+            self.ranges[site] = (min(lo, float(x.detach().min())), max(hi, float(x.detach().max())))
+            if self._samples is not None:
+                v = x.detach().flatten().numpy()
+                if v.size > _SAMPLES_PER_CHUNK:
+                    v = v[self._rng.choice(v.size, _SAMPLES_PER_CHUNK, replace=False)]
+                self._samples.setdefault(site, []).append(v.astype(np.float32))
+            return x
+        if self.mode != "quant":
+            return x
+        if site not in self.ranges:
+            raise UsageError(f"no activation range for {site}; call observe_ranges() before training")
+        scale, zp = _act_params(*self.ranges[site])
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, ACT_QMIN, ACT_QMAX)
+
+    def _conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        w, b = _fold(conv, bn)
+        if self.mode == "quant":
+            w = fake_quant_weight(w)
+        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.relu(y) if relu else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pfld
+        x = self._act("input", x)
+        x = self._act("conv1", self._conv(p.conv1, p.bn1, x, True))
+        x = self._act("conv2", self._conv(p.conv2, p.bn2, x, True))
+        for name in p._blocks:
+            block = getattr(p, name)
+            seq = block.conv
+            h = self._act(f"{name}.expand", self._conv(seq[0], seq[1], x, True))
+            h = self._act(f"{name}.depthwise", self._conv(seq[3], seq[4], h, True))
+            h = self._act(f"{name}.project", self._conv(seq[6], seq[7], h, False))
+            x = self._act(f"{name}.add", x + h) if block.use_res_connect else h
+        s1 = x.mean((2, 3))
+        x = self._act("conv7", self._conv(p.conv7[0], p.conv7[1], x, True))
+        s2 = x.mean((2, 3))
+        s3 = self._conv(p.conv8, p.bn8 if p.config.head_bn else None, x, True).flatten(1)
+        # CONCATENATION: S1, S2 and S3 all take the concat's one scale.
+        cat = self._act("concat", torch.cat([s1, s2, s3], 1))
+        w, b = p.fc.weight, p.fc.bias
+        if self.mode == "quant":
+            w = fake_quant_weight(w)
+        return self._act("fc", F.linear(cat, w, b))
+
+    @torch.no_grad()
+    def observe_ranges(self, x: torch.Tensor, method: str = "minmax", chunk: int = 16) -> dict[str, tuple[float, float]]:
+        """Activation ranges of the float network over `x` (NCHW): "minmax" (the converter's
+        rule) or "mse" (`mixed.calibrate`'s: min/max shrunk to the least int8 error)."""
+        if method not in RANGE_METHODS:
+            raise UsageError(f"QAT range method {method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
+        mode, self.mode, self.ranges = self.mode, "observe", {}
+        self._samples = {} if method == "mse" else None
+        self._rng = np.random.default_rng(0)  # same subsample every time: ranges move only with the weights
+        try:
+            for part in torch.split(x, chunk):
+                self(part)
+            if self._samples is not None:
+                from .export.mixed import _mse_range
+
+                self.ranges = {k: _mse_range(np.concatenate(self._samples[k]), lo, hi) for k, (lo, hi) in self.ranges.items()}
+        finally:
+            self.mode, self._samples = mode, None
+        return dict(self.ranges)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def _augment(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Face crops as detection jitter and lighting produce them: small rotation, scale and
+    shift, mirror, brightness/contrast. Labels are not needed (the teacher labels them)."""
+    import cv2
+
+    out = np.empty_like(crops)
+    n, h, w = crops.shape[:3]
+    for i in range(n):
+        a = rng.uniform(-12, 12)
+        s = rng.uniform(0.92, 1.08)
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), a, s)
+        m[:, 2] += rng.uniform(-0.04, 0.04, 2) * (w, h)
+        img = cv2.warpAffine(crops[i], m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        g = rng.uniform(0.75, 1.25)
+        o = rng.uniform(-20, 20)
+        out[i] = np.clip(img.astype(np.float32) * g + o + (1 - g) * 128, 0, 255).astype(np.uint8)
+    return out
+
+
+def _shift(a: torch.Tensor, b: torch.Tensor, size: int) -> QATShift:
+    d = ((a - b).view(a.shape[0], -1, 2) * size).norm(dim=-1).flatten().numpy()
+    return QATShift(float(d.mean()), float(np.percentile(d, 99)), float(d.max()))
+
+
+def _predict(net: nn.Module, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([net(part) for part in torch.split(x, chunk)])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless shuffled batches of indices (all of them when there are fewer than `batch`)."""
+    b = min(batch, n)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - b + 1, b):
+            yield order[i : i + b]
+
+
+def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
+    """Fine-tune `cfg.init` so its int8 conversion matches its float landmarks; writes
+    OUT/qat.pth (our checkpoint format) and returns the held-out figures."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .export.calibrate import calibration_and_validation
+    from .export.pipeline import _writable_dir
+    from .train import auto_threads
+
+    t0 = time.perf_counter()
+    out = _writable_dir(Path(cfg.out))
+    init = Path(cfg.init)
+    if not init.is_file():
+        raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
+    loaded = load_checkpoint(init)
+    pre = loaded.meta.preprocess
+    calib, val = calibration_and_validation(cfg.data or "synthetic", cfg.val_images, pre, cfg.calib_count, cfg.val_count,
+                                            cfg.seed, cfg.detector, cfg.cache_dir)
+    prev_threads = torch.get_num_threads()
+    threads = cfg.threads or auto_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        teacher = LandmarkModel(copy.deepcopy(loaded.model)).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student = FakeQuantPFLD(loaded.model)
+        loaded.model.eval()  # BN frozen: running statistics are what the converter folds
+        x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
+        x_val = torch.from_numpy(pre.apply_nchw(val.crops))
+        size = pre.input_size
+        y_val = _predict(teacher, x_val)
+        student.observe_ranges(x_cal, cfg.range_method)
+        before = _shift(_predict(student, x_val), y_val, size)
+        params = [p for n, p in loaded.model.named_parameters()
+                  if p.requires_grad and (cfg.trainable == "all" or p.dim() == 1)]  # 1-D: BN gamma/beta, biases
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+        history: list[dict[str, float]] = []
+        batches = _batches(len(calib), cfg.batch, rng)
+        running = 0.0
+        for step in range(1, cfg.steps + 1):
+            idx = next(batches)
+            crops = _augment(calib.crops[idx], rng) if cfg.augment else calib.crops[idx]
+            x = torch.from_numpy(pre.apply_nchw(crops))
+            with torch.no_grad():
+                target = teacher(x)
+            pred = student(x)
+            d2 = ((pred - target).view(len(idx), -1, 2) * size).pow(2).sum(-1)
+            loss = torch.sqrt(d2 + 1e-4).mean()  # mean landmark distance (px): the figure the budget reads
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
+            if step % cfg.range_every == 0 or step == cfg.steps:
+                student.observe_ranges(x_cal, cfg.range_method)
+            if progress:
+                progress(step, cfg.steps, running)
+            if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
+                history.append({"step": step, "loss_px": round(running, 4),
+                                "val_int8_mean_px": round(_shift(_predict(student, x_val), y_val, size).mean_px, 4)})
+        after = _shift(_predict(student, x_val), y_val, size)
+        student.mode = "float"
+        drift = _shift(_predict(student, x_val), y_val, size)
+    finally:
+        torch.set_num_threads(prev_threads)
+    meta = copy.deepcopy(loaded.meta)
+    meta.provenance["qat"] = {
+        "teacher": str(init), "teacher_sha256": _sha256(init), "steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,
+        "calibration": calib.description, "validation": val.description,
+        "simulated_int8_mean_px": {"before": round(before.mean_px, 4), "after": round(after.mean_px, 4)},
+    }
+    meta.training = dict(meta.training, qat=True)
+    path = save_checkpoint(out / "qat.pth", loaded.model, meta, loaded.aux)
+    return QATResult(checkpoint=path, teacher=str(init), steps=cfg.steps, calibration=calib.description,
+                     validation=val.description, simulated_int8_before=before, simulated_int8_after=after,
+                     float_drift=drift, seconds=round(time.perf_counter() - t0, 1), history=history)

@@ -1,0 +1,223 @@
+"""qat.py: the simulated int8 network, and quantization-aware fine-tuning by self-distillation.
+
+The simulation is held to the real thing: its int8 landmarks must sit much closer to the real
+TFLite int8 model's than either sits to the float model (otherwise QAT would train against a
+quantizer that is not the one `convert` runs).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pfld_export.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from pfld_export.cli import main  # noqa: E402
+from pfld_export.errors import UsageError  # noqa: E402
+from pfld_export.model import LandmarkModel, build_model  # noqa: E402
+from pfld_export.preprocess import Preprocess  # noqa: E402
+from pfld_export.qat import QATConfig, FakeQuantPFLD, _act_params, _predict, fake_quant_weight, qat  # noqa: E402
+
+from .test_export_pipeline import _briefly_fitted, _synthetic_crops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A 0.25X PFLD whose output follows synthetic faces (ridge-fitted FC), saved as a checkpoint."""
+    tmp = tmp_path_factory.mktemp("qat")
+    crops, pts = _synthetic_crops(48, 11, tmp / "faces")
+    pfld = _briefly_fitted(0.25, crops, pts)
+    path = save_checkpoint(tmp / "fitted.pth", pfld, CheckpointMeta(model=pfld.config, preprocess=Preprocess()))
+    yield {"path": path, "crops": crops, "tmp": tmp}
+
+
+@pytest.mark.parametrize("conv2,head_bn", [("full", False), ("depthwise", True)])
+def test_float_mode_is_the_inference_network(conv2: str, head_bn: bool) -> None:
+    torch.manual_seed(0)
+    pfld, _ = build_model(width=0.25, points=7, conv2=conv2, head_bn=head_bn)  # type: ignore[arg-type]
+    for m in pfld.modules():  # non-trivial BN statistics, so folding is really exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    pfld.eval()
+    x = torch.rand(3, 3, 112, 112)
+    sim = FakeQuantPFLD(pfld)
+    sim.mode = "float"
+    with torch.no_grad():
+        assert torch.allclose(sim(x), LandmarkModel(pfld)(x), atol=1e-5)
+        sim.observe_ranges(x)
+        sim.mode = "quant"
+        moved = (sim(x) - LandmarkModel(pfld)(x)).abs().max().item()
+    assert moved > 0  # quant mode rounds
+    assert {"input", "conv1", "concat", "fc"} <= set(sim.ranges)
+    assert all(lo <= 0 <= hi for lo, hi in sim.ranges.values())  # int8 ranges hold zero
+
+
+def test_weight_and_activation_rounding_follow_tflite() -> None:
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.01, 0.02, -0.04]])
+    q = fake_quant_weight(w)
+    # per output channel: scale max|w|/127, so each row's largest weight is exact
+    assert q[0, 0] == 1.0 and abs(q[1, 2].item() + 0.04) < 1e-7
+    assert (q - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 + 1e-7
+    scale, zp = _act_params(-1.0, 3.0)
+    assert abs(scale - 4.0 / 255) < 1e-9 and zp == round(-128 + 1.0 / scale)
+    assert _act_params(0.5, 2.0)[1] == -128  # the range is widened to hold 0: zero point at the bottom
+
+
+def _site_of(label: str) -> str | None:
+    """The FakeQuantPFLD site a TFLite op label (sensitivity.conv_labels naming) corresponds to."""
+    if label.startswith("add after ") and label.endswith(".project"):
+        return label[len("add after "):-len(".project")] + ".add"
+    return None if " " in label or label == "conv8" else label
+
+
+def _real_and_simulated(path: Path, calib: np.ndarray) -> tuple[Any, FakeQuantPFLD, Any]:
+    from pfld_export.export.mixed import calibrate, keras_function
+    from pfld_export.export.onnx import OnnxConfig, to_onnx
+    from pfld_export.export.sensitivity import conv_labels
+
+    loaded = load_checkpoint(path)
+    pre = loaded.meta.preprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        art = to_onnx(loaded, OnnxConfig(path=Path(tmp) / "m.onnx", source="test"))
+        keras_model, func = keras_function(art, pre.apply(calib))
+        cal = calibrate(keras_model, func, pre.apply(calib), "minmax", conv_labels(loaded))
+    sim = FakeQuantPFLD(loaded.model)
+    sim.observe_ranges(torch.from_numpy(pre.apply_nchw(calib)))
+    return cal, sim, pre
+
+
+def test_simulation_requantizes_where_tflite_does_with_its_ranges(fitted: dict[str, Any]) -> None:
+    """Every conv / depthwise / FC / residual ADD of the real int8 graph has a site with the
+    same calibrated range, and the first op's int8 output is reproduced to one step."""
+    from pfld_export.export.mixed import _interpreter
+
+    cal, sim, pre = _real_and_simulated(fitted["path"], fitted["crops"][:36])
+    matched = 0
+    for op in cal.ops:
+        site = _site_of(op.label)
+        if op.op not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD") or site is None:
+            continue
+        assert site in sim.ranges, (op.label, sorted(sim.ranges)[:5])
+        lo, hi = cal.ranges[op.tensor]
+        slo, shi = sim.ranges[site]
+        assert abs(slo - lo) <= 1e-3 * (hi - lo) and abs(shi - hi) <= 1e-3 * (hi - lo), (site, (lo, hi), (slo, shi))
+        matched += 1
+    assert matched == len(sim.ranges) - 2  # every site but the input and the concat (checked below by the FC reading it)
+
+    interp = _interpreter(cal.quantize(), keep_all=True)
+    x = pre.apply(fitted["crops"][40:41])
+    interp.set_tensor(interp.get_input_details()[0]["index"], x)
+    interp.invoke()
+    det = {t["name"]: t for t in interp.get_tensor_details()}
+    conv1 = det[next(o.tensor for o in cal.ops if o.label == "conv1")]
+    scale, zp = conv1["quantization_parameters"]["scales"][0], conv1["quantization_parameters"]["zero_points"][0]
+    real = (interp.get_tensor(conv1["index"]).astype(np.float32) - zp) * scale
+    got: dict[str, torch.Tensor] = {}
+    orig = sim._act
+
+    def grab(site: str, t: torch.Tensor) -> torch.Tensor:
+        y = orig(site, t)
+        got.setdefault(site, y.detach())
+        return y
+
+    sim._act = grab  # type: ignore[method-assign]
+    with torch.no_grad():
+        sim(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    simulated = got["conv1"].numpy().transpose(0, 2, 3, 1)
+    assert np.abs(simulated - real).max() <= 1.01 * scale  # at most one int8 step apart
+
+
+def test_simulated_int8_shift_matches_real_tflite_on_a_real_checkpoint() -> None:
+    """On a trained third-party PFLD and real faces, simulated and real int8 move the landmarks
+    by the same amount. Not in the same direction: one-step differences (ties, requantization
+    arithmetic) reach half the elements by the 8th layer and compound, so the two are two
+    draws of the same rounding noise (measured: 1.70 px apart, each 1.70 px from float)."""
+    from pfld_export.export.calibrate import calibration_and_validation
+    from pfld_export.export.mixed import predict_blob
+
+    from .conftest import fixture_path
+
+    ckpt = fixture_path("checkpoints", "pfld17_w050_dwconv2_polariszhao_layout.pth.tar")
+    pre = load_checkpoint(ckpt).meta.preprocess
+    calib, val = calibration_and_validation(str(fixture_path("unlabeled")), None, pre, 200, 40, 0)
+    cal, sim, pre = _real_and_simulated(ckpt, calib.crops)
+    real = predict_blob(cal.quantize(), pre, val.crops)
+    x = torch.from_numpy(pre.apply_nchw(val.crops))
+    simulated = _predict(sim, x).numpy().reshape(real.shape) * 112
+    ref = _predict(LandmarkModel(sim.pfld).eval(), x).numpy().reshape(real.shape) * 112
+    real_shift = np.linalg.norm(real - ref, axis=-1).mean()
+    sim_shift = np.linalg.norm(simulated - ref, axis=-1).mean()
+    assert real_shift > 0.3  # plain int8 really moves this model
+    assert abs(sim_shift - real_shift) < 0.2 * real_shift, (sim_shift, real_shift)
+    p99 = [np.percentile(np.linalg.norm(a - ref, axis=-1), 99) for a in (simulated, real)]
+    assert abs(p99[0] - p99[1]) < 0.3 * p99[1], p99
+
+
+def test_qat_writes_a_plain_checkpoint_that_names_its_teacher(fitted: dict[str, Any]) -> None:
+    """Mechanics on the default suite's model. Whether QAT *helps* is not asserted here: an
+    untrained backbone is chaotic under int8 (about 10 px of shift) and a few QAT steps move it
+    either way; the slow test below asserts the gain on a real checkpoint."""
+    out = fitted["tmp"] / "qat_out"
+    res = qat(QATConfig(init=fitted["path"], out=out, data="synthetic:60:3", calib_count=40, val_count=12, steps=12,
+                        batch=8, lr=1e-3, range_every=5, threads=1, trainable="affine", augment=False))
+    tuned = load_checkpoint(res.checkpoint)  # loads like any checkpoint: same keys, BN still BN
+    assert tuned.meta.provenance["qat"]["teacher"] == str(fitted["path"])
+    assert len(tuned.meta.provenance["qat"]["teacher_sha256"]) == 64
+    teacher = load_checkpoint(fitted["path"]).model.state_dict()
+    after = tuned.model.state_dict()
+    assert set(after) == set(teacher)
+    assert torch.equal(after["conv1.weight"], teacher["conv1.weight"]) and torch.equal(after["fc.weight"], teacher["fc.weight"])
+    assert not torch.equal(after["bn1.bias"], teacher["bn1.bias"])  # "affine": only 1-D parameters moved
+    assert [h["step"] for h in res.history][-1] == 12
+    assert res.simulated_int8_before.mean_px > 0 and res.float_drift.mean_px > 0
+
+
+@pytest.mark.slow
+def test_qat_reduces_real_int8_shift_of_a_real_checkpoint(tmp_path: Path) -> None:
+    """Measured in benchmarks/int8_fidelity.md: 200 steps at 5e-5 took the 17-point fixture's
+    real TFLite int8 shift from 1.667 to 1.555 px. Here: 100 steps must lower the simulated
+    held-out shift by at least 5 %."""
+    from .conftest import fixture_path
+
+    ckpt = fixture_path("checkpoints", "pfld17_w050_dwconv2_polariszhao_layout.pth.tar")
+    res = qat(QATConfig(init=ckpt, out=tmp_path, data=str(fixture_path("unlabeled")), steps=100, lr=5e-5,
+                        range_method="minmax", threads=1))
+    assert res.simulated_int8_after.mean_px < 0.95 * res.simulated_int8_before.mean_px, (res.simulated_int8_before, res.simulated_int8_after)
+
+
+def test_qat_config_refuses_nonsense() -> None:
+    with pytest.raises(UsageError, match="--qat-steps"):
+        QATConfig(init=Path("x.pth"), steps=0)
+    with pytest.raises(UsageError, match="--lr"):
+        QATConfig(init=Path("x.pth"), lr=0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--qat"], "--init"),
+    (["train", "--qat", "--init", "{ckpt}", "--width", "1.0"], "--width"),
+    (["train", "--qat", "--init", "missing.pth"], "does not exist"),
+    (["train", "--val-images", "x"], "--qat"),
+])
+def test_cli_qat_bad_input_is_one_line(fitted: dict[str, Any], args: list[str], needle: str) -> None:
+    args = [a.replace("{ckpt}", str(fitted["path"])) for a in args]
+    r = CliRunner().invoke(main, args + ["--out", str(fitted["tmp"] / "cli_out")])
+    assert r.exit_code != 0
+    assert needle in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_convert_reference_must_match_points(fitted: dict[str, Any]) -> None:
+    other, _ = build_model(width=0.25, points=5)
+    other_path = save_checkpoint(fitted["tmp"] / "five.pth", other, CheckpointMeta(model=other.config, preprocess=Preprocess()))
+    r = CliRunner().invoke(main, ["convert", str(fitted["path"]), "--int8", "--reference", str(other_path),
+                                  "--out", str(fitted["tmp"] / "conv_out")])
+    assert r.exit_code != 0 and "--reference" in r.output and "5 points" in r.output
