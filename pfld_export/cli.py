@@ -164,6 +164,8 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
 @click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning of --init: its int8 conversion learns to match its float landmarks (self-distillation, no labels needed; --data may be a folder of face photos). Writes OUT/qat.pth.")
 @click.option("--qat-steps", type=click.IntRange(1, None), default=300, show_default=True, help="Optimizer steps for --qat.")
+@click.option("--qat-ranges", type=click.Choice(["mse", "minmax", "learned"]), default="mse", show_default=True, help="--qat activation ranges: re-measured (mse / minmax) or learned (carried in the checkpoint; convert writes them into the int8 model).")
+@click.option("--qat-equalize", is_flag=True, help="--qat starts from cross-layer-equalised weights (same float landmarks).")
 @click.option("--val-images", default=None, help="--qat: held-out faces for the figures (folder or spec); default: photos held out of --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @friendly
@@ -171,14 +173,14 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
           conv2: str | None, epochs: int, batch: int | None, lr: float | None, weight_decay: float | None, loss: str | None,
           schedule: str | None, out: str, resume: str | None, init: str | None, seed: int | None, device: str,
           workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
-          qat_steps: int = 300, val_images: str | None = None) -> None:
+          qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False) -> None:
     """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json."""
     from pathlib import Path
 
     from tqdm import tqdm
 
     if qat:
-        _train_qat(data, val_images, init, out, qat_steps, batch, lr, seed, threads, no_augment, cache_dir, as_json,
+        _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, batch, lr, seed, threads, no_augment, cache_dir, as_json,
                    unused={"--val-data": val_data, "--val-fraction": val_fraction, "--width": width, "--points": points,
                            "--conv2": conv2, "--weight-decay": weight_decay, "--loss": loss, "--schedule": schedule,
                            "--resume": resume})
@@ -236,7 +238,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     click.echo(to_json(result) if as_json else format_train(result))
 
 # [convert]
-def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, batch: int | None,
+def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool, batch: int | None,
                lr: float | None, seed: int | None, threads: int | None, no_augment: bool, cache_dir: str | None,
                as_json: bool, unused: dict[str, Any]) -> None:
     from pathlib import Path
@@ -253,6 +255,7 @@ def _train_qat(data: str | None, val_images: str | None, init: str | None, out: 
     if given:
         raise UsageError(f"{', '.join(given)} do(es) not apply to --qat (it keeps --init's architecture and trains by distillation); drop them")
     cfg = QATConfig(init=Path(init), out=Path(out), data=data, val_images=val_images, steps=steps,
+                    range_method="mse" if ranges == "learned" else ranges, learn_ranges=ranges == "learned", equalize=equalize,
                     batch=batch or QATConfig.batch, lr=lr or QATConfig.lr, seed=seed or 0, threads=threads,
                     augment=not no_augment, cache_dir=Path(cache_dir) if cache_dir else None)
     bar = tqdm(total=steps, desc="qat", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="step")
@@ -283,6 +286,24 @@ def _three_floats(value: str | None, what: str) -> tuple[float, float, float] | 
     return (vals * 3)[:3]  # type: ignore[return-value]
 
 
+class _Pixels(click.ParamType):
+    """A distance in pixels at 112: `0.25` or `0.25px`."""
+
+    name = "PX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower().removesuffix("px").strip()
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a pixel distance; write e.g. 0.25 or 0.25px (px on the 112-px crop)", param, ctx)
+
+
+PIXELS = _Pixels()
+
+
 def _format_names() -> str:
     from .export.formats import DEFAULT_FORMATS, FORMATS
 
@@ -306,8 +327,8 @@ def _format_names() -> str:
 @click.option("--std", default=None, help="Std divided by after the mean: one value or three (foreign ONNX).")
 @click.option("--keep-onnx", is_flag=True, help="Keep the intermediate .onnx in --out.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and the hold-out split.")
-@click.option("--max-shift", type=float, default=None, help="int8 budget: mean landmark shift vs float (px at 112, held-out faces). Tries equalised weights, then keeps the fewest sensitive ops float until it holds; exit 7 with the best figure if nothing does.")
-@click.option("--max-shift-p99", type=float, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
+@click.option("--max-shift", type=PIXELS, default=None, help="int8 budget: mean landmark shift vs float (px at 112, held-out faces). Tries equalised weights, then keeps the fewest sensitive ops float until it holds; exit 7 with the best figure if nothing does.")
+@click.option("--max-shift-p99", type=PIXELS, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
 @click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
 @click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: plain; plain,equalize,equalize+bias,mixed with a budget]")
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")

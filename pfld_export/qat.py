@@ -69,6 +69,10 @@ class QATConfig:
     lr: float = 5e-5
     range_every: int = 25  # re-measure activation ranges every this many steps
     range_method: str = "mse"  # "minmax" or "mse"; convert's int8 fit calibrates with both and keeps the better
+    learn_ranges: bool = False  # learn each activation's clip range (LSQ-style) from `range_method`'s start;
+    # the learned ranges travel in the checkpoint and `convert` writes them into the int8 model
+    range_lr: float = 1e-2  # Adam step for the log-range factors
+    equalize: bool = False  # start from cross-layer-equalised weights (same float function, friendlier ranges)
     trainable: str = "all"  # "all" weights, or "affine": BN scales/shifts and biases only (a learned bias correction)
     augment: bool = True
     seed: int = 0
@@ -144,6 +148,21 @@ def _act_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, zp
 
 
+def _key(site: str) -> str:
+    return site.replace(".", "__")  # ParameterDict keys cannot hold dots
+
+
+def _learned_fake_quant(x: torch.Tensor, lo0: float, hi0: float, log_f: torch.Tensor) -> torch.Tensor:
+    """int8 rounding on [lo0 e^f0, hi0 e^f1] with gradients to x (straight through inside the
+    range) and to the range (LSQ: the rounding error and the clipping both pull on it)."""
+    lo = min(lo0, 0.0) * torch.exp(log_f[0])
+    hi = max(hi0, 1e-8) * torch.exp(log_f[1])
+    s = (hi - lo) / (ACT_QMAX - ACT_QMIN)
+    v = (torch.maximum(torch.minimum(x, hi), lo) - lo) / s
+    v = v + (torch.round(v) - v).detach()
+    return v * s + lo
+
+
 class FakeQuantPFLD(nn.Module):
     """PFLD's inference forward with int8 rounding where the TFLite int8 graph has it.
 
@@ -159,6 +178,22 @@ class FakeQuantPFLD(nn.Module):
         self.ranges: dict[str, tuple[float, float]] = {}
         self._samples: dict[str, list[np.ndarray]] | None = None  # values kept while observing (mse ranges)
         self._rng = np.random.default_rng(0)
+        # Learned ranges: site -> log factors (lo, hi) applied to the observed range; None: fixed ranges.
+        self.log_factors: nn.ParameterDict | None = None
+
+    def learn_ranges(self) -> nn.ParameterDict:
+        """Make every activation range but the input's (exact already: x/255) trainable, starting
+        from the observed ranges, and return the new parameters."""
+        self.log_factors = nn.ParameterDict({_key(k): nn.Parameter(torch.zeros(2)) for k in self.ranges if k != "input"})
+        return self.log_factors
+
+    def effective_ranges(self) -> dict[str, tuple[float, float]]:
+        """The ranges the quantizer uses now (observed x learned factors)."""
+        out = {}
+        for site, (lo, hi) in self.ranges.items():
+            f = self.log_factors[_key(site)].detach() if self.log_factors is not None and _key(site) in self.log_factors else None
+            out[site] = (lo, hi) if f is None else (float(lo * torch.exp(f[0])), float(hi * torch.exp(f[1])))
+        return out
 
     def _act(self, site: str, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
@@ -174,6 +209,8 @@ class FakeQuantPFLD(nn.Module):
             return x
         if site not in self.ranges:
             raise UsageError(f"no activation range for {site}; call observe_ranges() before training")
+        if self.log_factors is not None and _key(site) in self.log_factors:
+            return _learned_fake_quant(x, *self.ranges[site], self.log_factors[_key(site)])
         scale, zp = _act_params(*self.ranges[site])
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, ACT_QMIN, ACT_QMAX)
 
@@ -226,6 +263,20 @@ class FakeQuantPFLD(nn.Module):
         finally:
             self.mode, self._samples = mode, None
         return dict(self.ranges)
+
+
+def site_of_label(op: str, label: str) -> str | None:
+    """The FakeQuantPFLD site whose range a TFLite op's output takes, from `mixed.list_ops`
+    labels (PyTorch layer names): convs and the FC by name, residual ADDs as "<block>.add", and
+    everything the concat's one scale covers (the concat, the two MEANs, conv8 and its
+    RESHAPE) as "concat". None for ops with no range of their own (PAD...)."""
+    if op in ("CONCATENATION", "MEAN") or label == "conv8" or (op == "RESHAPE" and label.endswith("conv8")):
+        return "concat"
+    if op == "ADD" and label.startswith("add after ") and label.endswith(".project"):
+        return label[len("add after "):-len(".project")] + ".add"
+    if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        return label
+    return None
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -305,9 +356,13 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         teacher = LandmarkModel(copy.deepcopy(loaded.model)).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
+        if cfg.equalize:  # float-preserving (equalize checks it), so the teacher's landmarks are the target still
+            from .export.equalize import equalize
+
+            loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
         student = FakeQuantPFLD(loaded.model)
         loaded.model.eval()  # BN frozen: running statistics are what the converter folds
-        x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
         x_val = torch.from_numpy(pre.apply_nchw(val.crops))
         size = pre.input_size
         y_val = _predict(teacher, x_val)
@@ -315,7 +370,10 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         before = _shift(_predict(student, x_val), y_val, size)
         params = [p for n, p in loaded.model.named_parameters()
                   if p.requires_grad and (cfg.trainable == "all" or p.dim() == 1)]  # 1-D: BN gamma/beta, biases
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr}]
+        if cfg.learn_ranges:
+            groups.append({"params": list(student.learn_ranges().values()), "lr": cfg.range_lr})
+        opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
         history: list[dict[str, float]] = []
         batches = _batches(len(calib), cfg.batch, rng)
@@ -334,8 +392,8 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
             opt.step()
             sched.step()
             running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
-            if step % cfg.range_every == 0 or step == cfg.steps:
-                student.observe_ranges(x_cal, cfg.range_method)
+            if not cfg.learn_ranges and (step % cfg.range_every == 0 or step == cfg.steps):
+                student.observe_ranges(x_cal, cfg.range_method)  # learned ranges are not re-observed: they are trained
             if progress:
                 progress(step, cfg.steps, running)
             if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
@@ -351,6 +409,10 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         "teacher": str(init), "teacher_sha256": _sha256(init), "steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,
         "calibration": calib.description, "validation": val.description,
         "simulated_int8_mean_px": {"before": round(before.mean_px, 4), "after": round(after.mean_px, 4)},
+        "range_method": "learned" if cfg.learn_ranges else cfg.range_method, "equalized": cfg.equalize,
+        # Activation ranges by site (see `site_of_label`): with learned ranges `convert` writes
+        # them into the calibrated model; otherwise they are what its own calibration finds.
+        "ranges": {k: [round(float(lo), 6), round(float(hi), 6)] for k, (lo, hi) in student.effective_ranges().items()},
     }
     meta.training = dict(meta.training, qat=True)
     path = save_checkpoint(out / "qat.pth", loaded.model, meta, loaded.aux)

@@ -221,3 +221,40 @@ def test_convert_reference_must_match_points(fitted: dict[str, Any]) -> None:
     r = CliRunner().invoke(main, ["convert", str(fitted["path"]), "--int8", "--reference", str(other_path),
                                   "--out", str(fitted["tmp"] / "conv_out")])
     assert r.exit_code != 0 and "--reference" in r.output and "5 points" in r.output
+
+
+@pytest.mark.parametrize("value,ok", [("0.25px", True), ("0.25", True), ("0.25 PX", True), ("0.25pt", False)])
+def test_max_shift_takes_pixels_with_or_without_unit(value: str, ok: bool) -> None:
+    r = CliRunner().invoke(main, ["convert", "missing.pth", "--int8", "--max-shift", value])
+    assert r.exit_code != 0
+    if ok:  # parsed, so the run got as far as the missing model
+        assert "missing.pth does not exist" in r.output
+    else:
+        assert "not a pixel distance" in r.output
+
+
+def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> None:
+    """--qat-ranges learned: the ranges QAT trained are stored in the checkpoint, and convert's
+    int8 model quantizes with exactly those scales (and picks them only if they do better)."""
+    from pfld_export.export.mixed import _interpreter, learned_qat_ranges, with_site_ranges
+    from pfld_export.qat import site_of_label
+
+    out = fitted["tmp"] / "qat_learned"
+    res = qat(QATConfig(init=fitted["path"], out=out, data="synthetic:60:3", calib_count=40, val_count=12, steps=6,
+                        batch=8, lr=1e-5, threads=1, learn_ranges=True, augment=False))
+    tuned = load_checkpoint(res.checkpoint)
+    ranges = learned_qat_ranges(tuned)
+    assert ranges is not None and {"input", "conv1", "concat", "fc"} <= set(ranges)
+    assert learned_qat_ranges(load_checkpoint(fitted["path"])) is None  # a plain checkpoint carries none
+
+    cal, _sim, _pre = _real_and_simulated(res.checkpoint, fitted["crops"][:36])
+    wanted = dict(ranges, conv1=(0.0, 2.5), fc=(0.0, 0.75))  # distinct values, so the check cannot pass by accident
+    moved = with_site_ranges(cal, wanted)
+    interp = _interpreter(moved.quantize((), "int8"))  # int8 I/O: the FC's output keeps its tensor name
+    det = {t["name"]: t for t in interp.get_tensor_details()}
+    for o in cal.ops:
+        site = site_of_label(o.op, o.label)
+        if site in ("conv1", "fc", "concat"):
+            lo, hi = wanted[site]
+            scale = det[o.tensor]["quantization_parameters"]["scales"][0]
+            assert abs(scale - (hi - lo) / 255) < 1e-6 * max(1.0, hi - lo), (site, scale, (hi - lo) / 255)

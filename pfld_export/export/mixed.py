@@ -590,6 +590,10 @@ def fit_int8(
 
     say("calibrating plain int8")
     cals: dict[str, Calibrated] = calibrated("plain", onnx_artifact)
+    learned = learned_qat_ranges(loaded)
+    if learned:
+        say("writing the ranges QAT learned into the int8 model")
+        cals["qat-ranges"] = with_site_ranges(cals["plain"], learned)
     equalized: list[str] = []
     fixes = [m for m in WEIGHT_FIXES if m in cfg.methods]
     if fixes and loaded is None:
@@ -649,6 +653,31 @@ def fit_int8(
         if cfg.measure_latency and best.method != "plain":
             fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], pre)[0]
     return fit
+
+
+def learned_qat_ranges(loaded: Any | None) -> dict[str, tuple[float, float]] | None:
+    """Activation ranges a `train --qat --qat-ranges learned` checkpoint carries (site -> range)."""
+    info = loaded.meta.provenance.get("qat") if loaded is not None else None
+    if not info or info.get("range_method") != "learned" or not info.get("ranges"):
+        return None
+    return {k: (float(v[0]), float(v[1])) for k, v in info["ranges"].items()}
+
+
+def with_site_ranges(cal: Calibrated, site_ranges: dict[str, tuple[float, float]]) -> Calibrated:
+    """`cal` with the activation ranges of every op that maps to a QAT site replaced (the
+    converter then quantizes with exactly the scales QAT trained against)."""
+    from ..qat import site_of_label
+
+    ranges = dict(cal.ranges)
+    for o in cal.ops:  # execution order, so a PAD sees its producer's new range
+        site = site_of_label(o.op, o.label)
+        if site in site_ranges:
+            lo, hi = site_ranges[site]
+            ranges[o.tensor] = (min(lo, 0.0), max(hi, 0.0))
+        elif o.op in PASSTHROUGH_OPS and o.inputs and o.inputs[0] in ranges:
+            ranges[o.tensor] = ranges[o.inputs[0]]  # data movement keeps its input's scale
+    blob = _write_ranges(cal.blob, ranges)
+    return Calibrated(blob=blob, ops=cal.ops, method="qat-ranges", faces=cal.faces, ranges=ranges)
 
 
 def _labels(loaded: Any | None) -> list[str] | None:
@@ -725,13 +754,13 @@ def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fi
             s = row.shift
             ok = s is not None and s.mean_px <= cfg.max_shift and s.p99_px <= p99_budget
             got = "not measured" if s is None else f"best reached mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on {s.faces} held-out faces"
-            fix = "" if ok else "; allow more float ops (--max-float-ops), raise --max-shift, or fine-tune the checkpoint with QAT"
+            fix = "" if ok else "; allow more float ops (--max-float-ops) or raise --max-shift (`pfld-export train --qat` exists but gained little when measured: benchmarks/int8_fidelity.md)"
             row.checks.append(Check("max-shift", ok, f"{got} (budget mean {cfg.max_shift} px, p99 {p99_budget:g} px) with {how}{fix}"))
         if cfg.max_nme_increase is not None:
             inc = row.nme_increase
             ok = inc is not None and inc <= cfg.max_nme_increase
             got = "NME not measured" if inc is None else f"best reached NME +{inc:.4f}"
-            fix = "" if ok else "; allow more float ops (--max-float-ops) or fine-tune the checkpoint with QAT"
+            fix = "" if ok else "; allow more float ops (--max-float-ops) or raise --max-nme-increase (see benchmarks/int8_fidelity.md)"
             row.checks.append(Check("max-nme-increase", ok, f"{got} (budget +{cfg.max_nme_increase}) with {how}{fix}"))
         row.passed = all(c.ok for c in row.checks)
 

@@ -152,6 +152,11 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
             parity = check_parity(src.reference, open_predictor(art.path), val.crops, cfg.parity_atol_px, src_points)
             ref_points = src_points if target is src.reference else target.predict(val.crops)
         fit = None
+        if int8_cfg is None and any(f.calibrated for f in formats):
+            from .mixed import Int8Config, learned_qat_ranges
+
+            if learned_qat_ranges(src.loaded):  # a QAT checkpoint's int8 uses the ranges it was trained with
+                int8_cfg = Int8Config(methods=("plain",), range_methods=("minmax",), max_bytes=size_budget)
         if int8_cfg is not None:
             from .mixed import fit_int8
 
