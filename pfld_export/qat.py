@@ -18,9 +18,16 @@ The simulation mirrors what TFLite's int8 quantizer does to PFLD (`FakeQuantPFLD
   the input, every conv output after its fused ReLU, every residual ADD, and one shared scale
   for the CONCATENATION of S1/S2/S3 (the converter forces the concat's scale onto its inputs);
   the FC output (the landmarks themselves, dequantized at the end);
-* activation ranges are min/max of the float network over the calibration crops (including 0),
-  the converter's own rule, re-measured every `range_every` steps as the weights move.
-Gradients pass the rounding straight through (STE). The tuned checkpoint is an ordinary PFLD
+* activation ranges are those of the float network over the calibration crops (min/max, the
+  converter's own rule, or mse), re-measured every `range_every` steps as the weights move;
+  or, with `learn_ranges`, trained (a log-scale factor per range, LSQ-style gradients) and
+  carried in the checkpoint (`provenance.qat.ranges`), which `convert` writes into the int8
+  model (`export.mixed.with_site_ranges`).
+Gradients pass the rounding straight through (STE). Measured (benchmarks/int8_fidelity.md):
+learned ranges from equalised weights took the 17-point fixture's real int8 shift from 1.67 to
+0.91 px, as good as the best post-training method and no better. Fixed ranges gain little:
+simulated and real int8 errors are two draws of the same rounding noise (equal size, unrelated
+direction), so only robustness to it carries over. The tuned checkpoint is an ordinary PFLD
 checkpoint (same keys: BN is still BN), so `convert` turns it into int8 as usual; its
 `provenance.qat` names the teacher, and `convert --reference TEACHER` measures the int8 model
 against the original float landmarks, which is what matters to a user.

@@ -258,3 +258,16 @@ def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> No
             lo, hi = wanted[site]
             scale = det[o.tensor]["quantization_parameters"]["scales"][0]
             assert abs(scale - (hi - lo) / 255) < 1e-6 * max(1.0, hi - lo), (site, scale, (hi - lo) / 255)
+
+
+def test_qat_equalize_starts_from_the_same_float_landmarks(fitted: dict[str, Any]) -> None:
+    """--qat-equalize rescales channels (different weights) without moving the float landmarks:
+    with a negligible step the tuned float network still matches the teacher."""
+    res = qat(QATConfig(init=fitted["path"], out=fitted["tmp"] / "qat_eq", data="synthetic:60:3", calib_count=40,
+                        val_count=12, steps=2, batch=8, lr=1e-12, threads=1, equalize=True, augment=False))
+    tuned = load_checkpoint(res.checkpoint)
+    assert tuned.meta.provenance["qat"]["equalized"] is True
+    before = load_checkpoint(fitted["path"]).model.state_dict()
+    changed = [k for k, v in tuned.model.state_dict().items() if v.is_floating_point() and not torch.allclose(v, before[k])]
+    assert len(changed) > 10  # BN scales and the weights reading them were rescaled
+    assert res.float_drift.max_px < 0.01  # float32 rounding of the rescaled weights; int8 moves it ~9 px
