@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 
 from .bench.host import BenchConfig, BenchResult, benchmark, tool_versions
 from .errors import BudgetError, UsageError
-from .io import atomic_write_json
+from .io import atomic_write_json, file_sha256
 
 SCHEMA = 1
 Message = Callable[[str], None]
@@ -290,14 +290,6 @@ def _source_digest() -> str:
             if f.is_file():
                 h.update(str(f.relative_to(root)).encode())
                 h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

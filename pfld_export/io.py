@@ -6,6 +6,7 @@ file in the same directory, is flushed and fsynced, then `os.replace`d into plac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -90,3 +91,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, os.PathLike):
         return os.fspath(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (models can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -39,7 +39,6 @@ figures in the result are measured on them.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .io import file_sha256
 from .model import PFLD, LandmarkModel
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
@@ -319,14 +319,6 @@ def _predict(net: nn.Module, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         return torch.cat([net(part) for part in torch.split(x, chunk)])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Endless shuffled batches of indices (all of them when there are fewer than `batch`)."""
     b = min(batch, n)
@@ -413,7 +405,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         torch.set_num_threads(prev_threads)
     meta = copy.deepcopy(loaded.meta)
     meta.provenance["qat"] = {
-        "teacher": str(init), "teacher_sha256": _sha256(init), "steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,
+        "teacher": str(init), "teacher_sha256": file_sha256(init), "steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,
         "calibration": calib.description, "validation": val.description,
         "simulated_int8_mean_px": {"before": round(before.mean_px, 4), "after": round(after.mean_px, 4)},
         "range_method": "learned" if cfg.learn_ranges else cfg.range_method, "equalized": cfg.equalize,

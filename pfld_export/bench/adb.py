@@ -17,7 +17,6 @@ docs (see android_bench/README.md). Its path comes from `--benchmark-model` or `
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import DeviceError, UsageError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, file_sha256
 from ..report import to_jsonable
 from .parse import BenchmarkModelOutput, parse_benchmark_output
 
@@ -409,14 +408,6 @@ class DeviceBenchResult:
         return all(r.ok for r in self.runs)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def elf_abi(path: Path) -> str | None:
     """Android ABI an ELF executable is built for, or None if it is not ELF (e.g. a script)."""
     try:
@@ -533,12 +524,12 @@ def run_benchmark_model(device: AdbDevice, model_path: str | os.PathLike[str], c
             pass
     versions = [r.parsed.tool_version for r in runs if r.parsed.tool_version]
     return DeviceBenchResult(
-        model=str(model), model_bytes=model.stat().st_size, model_sha256=_sha256(model), device=info,
+        model=str(model), model_bytes=model.stat().st_size, model_sha256=file_sha256(model), device=info,
         emulated=info.emulated or any(r.parsed.emulated for r in runs),
         cores_used=info.big_cores if (cfg.taskset and info.taskset and info.mask) else tuple(range(len(info.core_max_khz))),
         mask=info.mask if (cfg.taskset and info.taskset and info.mask) else None,
         use_xnnpack=cfg.use_xnnpack, warmup_runs=cfg.warmup_runs, num_runs=cfg.num_runs,
-        tool=str(Path(cfg.benchmark_model).resolve()), tool_sha256=_sha256(Path(cfg.benchmark_model)),
+        tool=str(Path(cfg.benchmark_model).resolve()), tool_sha256=file_sha256(Path(cfg.benchmark_model)),
         tool_version=versions[0] if versions else None, runs=runs,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
     )
