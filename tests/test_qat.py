@@ -271,3 +271,9 @@ def test_qat_equalize_starts_from_the_same_float_landmarks(fitted: dict[str, Any
     changed = [k for k, v in tuned.model.state_dict().items() if v.is_floating_point() and not torch.allclose(v, before[k])]
     assert len(changed) > 10  # BN scales and the weights reading them were rescaled
     assert res.float_drift.max_px < 0.01  # float32 rounding of the rescaled weights; int8 moves it ~9 px
+
+
+def test_convert_reference_must_exist(fitted: dict[str, Any]) -> None:
+    r = CliRunner().invoke(main, ["convert", str(fitted["path"]), "--int8", "--reference", "nope.pth",
+                                  "--out", str(fitted["tmp"] / "conv_out2")])
+    assert r.exit_code != 0 and r.output.startswith("error: --reference nope.pth does not exist")

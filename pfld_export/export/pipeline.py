@@ -225,6 +225,8 @@ def _reference(cfg: ConvertConfig, src: Source) -> Predictor:
     """The float predictor shifts are read against: --reference's, or the source's own."""
     if cfg.reference is None:
         return src.reference
+    if not Path(cfg.reference).is_file():
+        raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
     ref = load_source(ConvertConfig(model=Path(cfg.reference), color=cfg.color, mean=cfg.mean, std=cfg.std))
     if ref.reference.num_points != src.reference.num_points:
         raise UsageError(f"--reference {cfg.reference} predicts {ref.reference.num_points} points, {src.path.name} "
