@@ -598,7 +598,7 @@ def predict(model: str, inputs: tuple[str, ...], out: str | None, as_json: bool,
 @click.option("--full-int8", is_flag=True, help="Measure with int8 input/output (the full-int8 format) instead of float I/O.")
 @click.option("--leave-one-out", is_flag=True, help="Also measure the full int8 model with each op alone kept float (twice the time).")
 @click.option("--equalize", is_flag=True, help="Measure the network after cross-layer equalisation (checkpoints only).")
-@click.option("--ranges", "range_method", default="minmax", show_default=True, help="Activation ranges: minmax or percentile:P (e.g. percentile:99.99).")
+@click.option("--ranges", "range_method", default="minmax", show_default=True, help="Activation ranges: minmax, mse or percentile:P (e.g. percentile:99.99).")
 @click.option("--top", default=20, show_default=True, type=int, help="Ops shown in the table and the chart.")
 @click.option("--out", "out", default="out/sensitivity", show_default=True, type=click.Path(file_okay=False), help="Folder for sensitivity.json and sensitivity.png.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and the hold-out split.")

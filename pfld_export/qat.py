@@ -50,12 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .export.equalize import tflite_weight_rounding
+from .export.validate import ShiftStats, shift_stats
 from .io import file_sha256
 from .model import PFLD, LandmarkModel
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
 ACT_QMIN, ACT_QMAX = -128, 127  # int8 activations, asymmetric
-W_QMAX = 127  # int8 weights, symmetric, [-127, 127] (TFLite's per-channel rule)
 RANGE_METHODS = ("minmax", "mse")  # activation ranges QAT trains against; convert calibrates with the same
 TRAINABLE = ("all", "affine")
 _SAMPLES_PER_CHUNK = 4096  # activation values kept per site and chunk for mse ranges
@@ -103,15 +104,6 @@ class QATConfig:
 
 
 @dataclass
-class QATShift:
-    """Landmark distance to the teacher on held-out crops (px at 112)."""
-
-    mean_px: float
-    p99_px: float
-    max_px: float
-
-
-@dataclass
 class QATResult:
     """The tuned checkpoint and what the simulation measured before and after."""
 
@@ -120,9 +112,9 @@ class QATResult:
     steps: int
     calibration: str
     validation: str
-    simulated_int8_before: QATShift  # fake-quant student vs teacher, held-out, before tuning
-    simulated_int8_after: QATShift
-    float_drift: QATShift  # the tuned float network vs the teacher (it is not what ships)
+    simulated_int8_before: ShiftStats  # fake-quant student vs teacher, held-out, before tuning (px at 112)
+    simulated_int8_after: ShiftStats
+    float_drift: ShiftStats  # the tuned float network vs the teacher (it is not what ships)
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -140,11 +132,9 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, tor
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 rounding with a straight-through gradient."""
-    dims = tuple(range(1, w.dim()))
-    s = (w.detach().abs().amax(dim=dims) / W_QMAX).clamp_min(1e-12)
-    zp = torch.zeros_like(s, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, s, zp, 0, -W_QMAX, W_QMAX)
+    """TFLite's per-channel int8 weight rounding (`equalize.tflite_weight_rounding`) with a
+    straight-through gradient."""
+    return w + (tflite_weight_rounding(w.detach()) - w).detach()
 
 
 def _act_params(lo: float, hi: float) -> tuple[float, int]:
@@ -309,9 +299,9 @@ def _augment(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _shift(a: torch.Tensor, b: torch.Tensor, size: int) -> QATShift:
-    d = ((a - b).view(a.shape[0], -1, 2) * size).norm(dim=-1).flatten().numpy()
-    return QATShift(float(d.mean()), float(np.percentile(d, 99)), float(d.max()))
+def _shift(a: torch.Tensor, b: torch.Tensor, size: int) -> ShiftStats:
+    """`validate.shift_stats` of two [N, 2P] outputs in crop units, in px."""
+    return shift_stats(b.view(b.shape[0], -1, 2).numpy() * size, a.view(a.shape[0], -1, 2).numpy() * size)
 
 
 def _predict(net: nn.Module, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:

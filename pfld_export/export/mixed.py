@@ -590,10 +590,11 @@ def fit_int8(
 
     say("calibrating plain int8")
     cals: dict[str, Calibrated] = calibrated("plain", onnx_artifact)
+    plain = cals.get("plain") or next(iter(cals.values()))  # minmax if asked for, else the first range method
     learned = learned_qat_ranges(loaded)
     if learned:
         say("writing the ranges QAT learned into the int8 model")
-        cals["qat-ranges"] = with_site_ranges(cals["plain"], learned)
+        cals["qat-ranges"] = with_site_ranges(plain, learned)
     equalized: list[str] = []
     fixes = [m for m in WEIGHT_FIXES if m in cfg.methods]
     if fixes and loaded is None:
@@ -646,7 +647,6 @@ def fit_int8(
     fit = Int8Fit(_blobs=blobs, method=best.method, float_ops=[o.label for o in float_ops],
                   float_op_types=float_op_count(next(iter(blobs.values()))) if blobs else {}, candidates=candidates,
                   met=met, search=f"{len(calib.crops)} calibration crops vs the float source", equalized=equalized)
-    plain = cals["plain"] if "plain" in cals else next(iter(cals.values()))
     for name, io in io_dtypes.items():
         base = compact_tflite(plain.quantize((), io))
         fit.plain_bytes[name] = len(base)
