@@ -180,7 +180,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     from tqdm import tqdm
 
     if qat:
-        _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, batch, lr, seed, threads, no_augment, cache_dir, as_json,
+        _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, batch, lr, seed, device, threads, no_augment, cache_dir, as_json,
                    unused={"--val-data": val_data, "--val-fraction": val_fraction, "--width": width, "--points": points,
                            "--conv2": conv2, "--weight-decay": weight_decay, "--loss": loss, "--schedule": schedule,
                            "--resume": resume})
@@ -239,7 +239,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
 
 # [convert]
 def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool, batch: int | None,
-               lr: float | None, seed: int | None, threads: int | None, no_augment: bool, cache_dir: str | None,
+               lr: float | None, seed: int | None, device: str, threads: int | None, no_augment: bool, cache_dir: str | None,
                as_json: bool, unused: dict[str, Any]) -> None:
     from pathlib import Path
 
@@ -256,7 +256,7 @@ def _train_qat(data: str | None, val_images: str | None, init: str | None, out: 
         raise UsageError(f"{', '.join(given)} do(es) not apply to --qat (it keeps --init's architecture and trains by distillation); drop them")
     cfg = QATConfig(init=Path(init), out=Path(out), data=data, val_images=val_images, steps=steps,
                     range_method="mse" if ranges == "learned" else ranges, learn_ranges=ranges == "learned", equalize=equalize,
-                    batch=batch or QATConfig.batch, lr=lr or QATConfig.lr, seed=seed or 0, threads=threads,
+                    batch=batch or QATConfig.batch, lr=lr or QATConfig.lr, seed=seed or 0, threads=threads, device=device,
                     augment=not no_augment, cache_dir=Path(cache_dir) if cache_dir else None)
     bar = tqdm(total=steps, desc="qat", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="step")
 

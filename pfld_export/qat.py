@@ -85,6 +85,7 @@ class QATConfig:
     augment: bool = True
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"  # auto = CUDA if present (train's --device); the simulation is the same on either
     detector: Any | None = None
     cache_dir: Path | None = None
 
@@ -101,6 +102,8 @@ class QATConfig:
             raise UsageError(f"QAT trainable set {self.trainable!r} unknown; choose {' or '.join(TRAINABLE)}")
         if self.range_method not in RANGE_METHODS:
             raise UsageError(f"QAT range method {self.range_method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
 @dataclass
@@ -181,7 +184,8 @@ class FakeQuantPFLD(nn.Module):
     def learn_ranges(self) -> nn.ParameterDict:
         """Make every activation range but the input's (exact already: x/255) trainable, starting
         from the observed ranges, and return the new parameters."""
-        self.log_factors = nn.ParameterDict({_key(k): nn.Parameter(torch.zeros(2)) for k in self.ranges if k != "input"})
+        dev = next(self.pfld.parameters()).device
+        self.log_factors = nn.ParameterDict({_key(k): nn.Parameter(torch.zeros(2, device=dev)) for k in self.ranges if k != "input"})
         return self.log_factors
 
     def effective_ranges(self) -> dict[str, tuple[float, float]]:
@@ -197,7 +201,7 @@ class FakeQuantPFLD(nn.Module):
             lo, hi = self.ranges.get(site, (0.0, 0.0))
             self.ranges[site] = (min(lo, float(x.detach().min())), max(hi, float(x.detach().max())))
             if self._samples is not None:
-                v = x.detach().flatten().numpy()
+                v = x.detach().flatten().cpu().numpy()
                 if v.size > _SAMPLES_PER_CHUNK:
                     v = v[self._rng.choice(v.size, _SAMPLES_PER_CHUNK, replace=False)]
                 self._samples.setdefault(site, []).append(v.astype(np.float32))
@@ -250,9 +254,10 @@ class FakeQuantPFLD(nn.Module):
         mode, self.mode, self.ranges = self.mode, "observe", {}
         self._samples = {} if method == "mse" else None
         self._rng = np.random.default_rng(0)  # same subsample every time: ranges move only with the weights
+        dev = next(self.pfld.parameters()).device
         try:
             for part in torch.split(x, chunk):
-                self(part)
+                self(part.to(dev))
             if self._samples is not None:
                 from .export.mixed import _mse_range
 
@@ -305,8 +310,10 @@ def _shift(a: torch.Tensor, b: torch.Tensor, size: int) -> ShiftStats:
 
 
 def _predict(net: nn.Module, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Outputs of `net` (on whatever device its parameters are) for CPU inputs, back on the CPU."""
+    dev = next(net.parameters()).device
     with torch.no_grad():
-        return torch.cat([net(part) for part in torch.split(x, chunk)])
+        return torch.cat([net(part.to(dev)).cpu() for part in torch.split(x, chunk)])
 
 
 def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -324,9 +331,10 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
     from .checkpoint import load_checkpoint, save_checkpoint
     from .export.calibrate import calibration_and_validation
     from .export.pipeline import _writable_dir
-    from .train import auto_threads
+    from .train import auto_threads, resolve_device
 
     t0 = time.perf_counter()
+    dev = resolve_device(cfg.device)  # before minutes of face detection: --device cuda without CUDA is refused here
     out = _writable_dir(Path(cfg.out))
     init = Path(cfg.init)
     if not init.is_file():
@@ -336,13 +344,13 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
     calib, val = calibration_and_validation(cfg.data or "synthetic", cfg.val_images, pre, cfg.calib_count, cfg.val_count,
                                             cfg.seed, cfg.detector, cfg.cache_dir)
     prev_threads = torch.get_num_threads()
-    threads = cfg.threads or auto_threads()
+    threads = cfg.threads or (auto_threads() if dev.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        teacher = LandmarkModel(copy.deepcopy(loaded.model)).eval()
+        teacher = LandmarkModel(copy.deepcopy(loaded.model)).eval().to(dev)
         for p in teacher.parameters():
             p.requires_grad_(False)
         x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
@@ -350,6 +358,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
             from .export.equalize import equalize
 
             loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
+        loaded.model.to(dev)
         student = FakeQuantPFLD(loaded.model)
         loaded.model.eval()  # BN frozen: running statistics are what the converter folds
         x_val = torch.from_numpy(pre.apply_nchw(val.crops))
@@ -370,7 +379,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         for step in range(1, cfg.steps + 1):
             idx = next(batches)
             crops = _augment(calib.crops[idx], rng) if cfg.augment else calib.crops[idx]
-            x = torch.from_numpy(pre.apply_nchw(crops))
+            x = torch.from_numpy(pre.apply_nchw(crops)).to(dev)
             with torch.no_grad():
                 target = teacher(x)
             pred = student(x)
@@ -393,6 +402,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         drift = _shift(_predict(student, x_val), y_val, size)
     finally:
         torch.set_num_threads(prev_threads)
+        loaded.model.cpu()  # checkpoints are saved and loaded on the CPU
     meta = copy.deepcopy(loaded.meta)
     meta.provenance["qat"] = {
         "teacher": str(init), "teacher_sha256": file_sha256(init), "steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,

@@ -199,6 +199,8 @@ def test_qat_config_refuses_nonsense() -> None:
         QATConfig(init=Path("x.pth"), steps=0)
     with pytest.raises(UsageError, match="--lr"):
         QATConfig(init=Path("x.pth"), lr=0)
+    with pytest.raises(UsageError, match="--device"):
+        QATConfig(init=Path("x.pth"), device="tpu")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -206,6 +208,8 @@ def test_qat_config_refuses_nonsense() -> None:
     (["train", "--qat", "--init", "{ckpt}", "--width", "1.0"], "--width"),
     (["train", "--qat", "--init", "missing.pth"], "does not exist"),
     (["train", "--val-images", "x"], "--qat"),
+    pytest.param(["train", "--qat", "--init", "{ckpt}", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")),
 ])
 def test_cli_qat_bad_input_is_one_line(fitted: dict[str, Any], args: list[str], needle: str) -> None:
     args = [a.replace("{ckpt}", str(fitted["path"])) for a in args]
