@@ -51,7 +51,7 @@ from pfld_export.export.tflite import _convert_one, compact_tflite  # noqa: E402
 from pfld_export.export.validate import nme_of, shift_stats  # noqa: E402
 
 ALL = ("converter", "plain", "mse", "percentile", "percentile-5", "calib50", "calib-aug", "eq-blocks", "eq-head", "eq-both",
-       "eq-both-a1", "eq-bias", "eq-both-mse", "eq-bias-mse", "mixed", "mixed-fast", "mixed-all")
+       "eq-both-a1", "eq-bias", "eq-both-mse", "eq-bias-mse", "eq-streams-mse", "eq-streams-bias-mse", "mixed", "mixed-fast", "mixed-all")
 
 
 def _augment(cs: CalibrationSet, seed: int) -> CalibrationSet:
@@ -70,10 +70,11 @@ def _variant_weights(name: str, loaded: Any, x: np.ndarray) -> tuple[Any, dict[s
         return loaded, {}
     name = name.replace("-mse", "")
     cfg = {"eq-blocks": EqualizeConfig(head=False), "eq-head": EqualizeConfig(blocks=False),
-           "eq-both": EqualizeConfig(), "eq-both-a1": EqualizeConfig(alpha=1.0), "eq-bias": EqualizeConfig()}[name]
+           "eq-both": EqualizeConfig(), "eq-both-a1": EqualizeConfig(alpha=1.0), "eq-bias": EqualizeConfig(),
+           "eq-streams": EqualizeConfig(streams=True), "eq-streams-bias": EqualizeConfig(streams=True)}[name]
     res = equalize(loaded.inference_model(), x, cfg)
     net, info = res.model, {"float_max_diff_px": res.float_max_diff_px}
-    if name == "eq-bias":
+    if name.endswith("-bias"):
         bc = bias_correct(net, x)
         net, info["bias_float_moved_px"] = bc.model, bc.float_max_diff_px
     return dataclasses.replace(loaded, model=net.pfld), info

@@ -56,11 +56,14 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=112, mode="bilinear", align_corners=False)
 
 
+@pytest.mark.parametrize("streams", [False, True])
 @pytest.mark.parametrize("kw", [dict(width=0.25), dict(width=0.5, points=17, conv2="depthwise", head_bn=True)])
-def test_equalize_preserves_float_outputs(kw: dict) -> None:
+def test_equalize_preserves_float_outputs(kw: dict, streams: bool) -> None:
     net = _uneven_net(0, **kw)
     x = _inputs(8, 1)
-    res = equalize(net, x, EqualizeConfig(alpha=0.5))
+    res = equalize(net, x, EqualizeConfig(alpha=0.5, streams=streams))
+    names = [t.name for t in res.tensors]
+    assert ("conv5_1..block5_6.stream" in names) == streams and ("conv3_1..block3_5.stream" in names) == streams
     held_out = _inputs(6, 2).double()  # other inputs than the ones the scales were chosen on
     with torch.no_grad():  # float64: the rewrite itself, not float32 summation noise (~1e-4 px)
         a, b = copy.deepcopy(net).double()(held_out), copy.deepcopy(res.model).double()(held_out)
@@ -91,6 +94,26 @@ def test_equalize_evens_out_channel_ranges() -> None:
     f1 = head_features(res.model, x).abs().amax(0)
     spread = lambda r: float(r.max() / r[r > 0].median())  # noqa: E731
     assert spread(f1) < spread(f0) / 2
+
+
+def test_stream_equalisation_scales_every_residual_add_of_a_stage_alike() -> None:
+    """One factor per channel for the whole stage: the widest channel of the stage-5 stream
+    (conv5_1's output and every ADD after it) is brought towards the rest."""
+    net = _uneven_net(3, width=0.25)
+    x = _inputs(6, 4)
+    res = equalize(net, x, EqualizeConfig(alpha=1.0, blocks=False, head=False, streams=True))
+    st = {t.name: t for t in res.tensors}["conv5_1..block5_6.stream"]
+    assert st.spread_before > 1.5 and st.spread_after < st.spread_before
+    outs: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    hooks = [getattr(m.pfld, n).register_forward_hook(lambda _m, _i, o, k=k: outs[k].append(o.detach().abs().amax((0, 2, 3))))
+             for k, m in (("a", net), ("b", res.model)) for n in ("conv5_1", "block5_4", "block5_6")]
+    with torch.no_grad():
+        net(x), res.model(x)
+    for h in hooks:
+        h.remove()
+    ratios = [b / a.clamp_min(1e-9) for a, b in zip(outs["a"], outs["b"])]
+    assert torch.allclose(ratios[0], ratios[1], rtol=1e-3) and torch.allclose(ratios[0], ratios[2], rtol=1e-3)
+    assert float(ratios[0].max()) > 1.01  # some channel really was scaled
 
 
 def test_alpha_zero_changes_nothing_that_is_read_densely() -> None:

@@ -58,6 +58,7 @@ class EqualizeConfig:
 
     blocks: bool = True
     head: bool = True
+    streams: bool = False  # the residual streams of stages 3 and 5 (one factor per channel for a whole stage)
     alpha: float = 0.5
     max_scale: float = DEFAULT_MAX_SCALE
     percentile: float = 100.0  # per-channel range statistic over calibration activations
@@ -107,7 +108,7 @@ class BiasCorrection:
 @dataclass
 class _Site:
     name: str
-    tap: nn.Module  # forward output = the activation (after ReLU / BN)
+    tap: nn.Module | tuple[nn.Module, ...]  # forward output(s) = the activation(s) (after ReLU / BN); a range is the max over all
     scale_producer: Callable[[torch.Tensor], None]  # multiply channel c of the activation by k[c]
     unscale_readers: Callable[[torch.Tensor], None]  # divide the readers' input channel c by k[c]
     reader: str  # depthwise | dense | fc
@@ -140,6 +141,48 @@ def _block_sites(name: str, block: InvertedResidual) -> list[_Site]:
     ]
 
 
+def _stream_sites(pfld: PFLD) -> list[_Site]:
+    """The residual stream of each stage with identity blocks, as one site per stage.
+
+    conv3_1's output and every block3_i's output (x + f(x)) are one stream: the identities tie
+    their channels together, so channel c takes one factor k[c] for the whole stage. Every
+    writer (the first block's and each residual block's projection BN) scales channel c by k[c];
+    the identities then carry scaled values; every reader (each residual block's expand conv and
+    the next stage's first expand conv) divides input channel c by k[c]. The 17-point fixture's
+    streams reach +-336 on a few channels (benchmarks/int8_fidelity.md), and TFLite gives every
+    ADD output one scale, so the other channels were left with a few int8 steps.
+
+    Stage 3's stream ends in the 28x28 feature the auxiliary net taps: that feature comes out
+    scaled too, so this is for the inference model (landmarks only), not for a checkpoint that
+    keeps training with its auxiliary net. Off by default: measured, it gains 0-2 % on the
+    best variant and loses 11 % on 0.25X's equalise+mse (benchmarks/int8_fidelity.md).
+    """
+    sites: list[_Site] = []
+    names = pfld._blocks
+    i = 0
+    while i < len(names):
+        j = i + 1
+        while j < len(names) and getattr(getattr(pfld, names[j]), "use_res_connect", False):
+            j += 1
+        stage = [getattr(pfld, n) for n in names[i:j]]
+        if j - i > 1 and j < len(names) and all(isinstance(b, InvertedResidual) for b in stage) \
+                and isinstance(getattr(pfld, names[j]), InvertedResidual):
+            reader = getattr(pfld, names[j])
+            taps = tuple(stage) + tuple(b.conv[7] for b in stage[1:])  # ADD outputs and the projections added
+
+            def scale(k: torch.Tensor, stage: list[InvertedResidual] = stage) -> None:
+                for b in stage:
+                    _scale_bn(b.conv[7], k)
+
+            def unscale(k: torch.Tensor, stage: list[InvertedResidual] = stage, reader: InvertedResidual = reader) -> None:
+                for b in stage[1:] + [reader]:
+                    _div_in(b.conv[0], k)
+
+            sites.append(_Site(f"{names[i]}..{names[j - 1]}.stream", taps, scale, unscale, "dense"))
+        i = j
+    return sites
+
+
 def _sites(pfld: PFLD, cfg: EqualizeConfig) -> list[_Site]:
     """Every activation this module knows how to rescale exactly, in forward order."""
     sites: list[_Site] = []
@@ -158,6 +201,8 @@ def _sites(pfld: PFLD, cfg: EqualizeConfig) -> list[_Site]:
             blk = getattr(pfld, name)
             if isinstance(blk, InvertedResidual):
                 sites.extend(_block_sites(name, blk))
+    if cfg.streams:
+        sites.extend(_stream_sites(pfld))
     return sites
 
 
@@ -218,7 +263,9 @@ def equalize(model: LandmarkModel | PFLD, inputs: np.ndarray | torch.Tensor, cfg
     # nothing else (readers absorb it exactly), but measuring fresh keeps that an invariant
     # rather than an assumption.
     for site in _sites(pfld, cfg):
-        r = _channel_ranges(net, {site.name: (site.tap, site.reduce)}, x, cfg.percentile)[site.name]
+        taps = site.tap if isinstance(site.tap, tuple) else (site.tap,)
+        got = _channel_ranges(net, {f"{site.name}#{i}": (m, site.reduce) for i, m in enumerate(taps)}, x, cfg.percentile)
+        r = torch.stack(list(got.values())).amax(0)
         alpha = 1.0 if site.reader == "depthwise" else cfg.alpha
         k = _factors(r, float(r.max()), alpha, cfg.max_scale)
         with torch.no_grad():
