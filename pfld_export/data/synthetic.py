@@ -419,6 +419,8 @@ def _spline(pts: np.ndarray, closed: bool, per: int = 6) -> np.ndarray:
 
 
 def _fill(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...] | float) -> None:
+    if len(pts) < 3:  # a silhouette wholly behind the camera's near plane (`_clip_near`)
+        return
     cv2.fillPoly(img, [_fx(pts)], _col(color), cv2.LINE_AA, _SHIFT)
 
 
@@ -581,6 +583,27 @@ def _c(v: np.ndarray | tuple[float, ...], k: float = 1.0, add: float = 0.0) -> t
     return (float(a[0]), float(a[1]), float(a[2]))
 
 
+def _clip_near(poly: np.ndarray, rot: np.ndarray, t: np.ndarray, near_fraction: float = 0.05) -> np.ndarray:
+    """The closed polygon `poly` (object points [N, 3]) cut to the part at camera depth >=
+    near_fraction x the face's depth (Sutherland-Hodgman against one plane), in object points.
+    A polygon wholly in front comes back unchanged (the same array), so faces that never met
+    the plane render exactly as before."""
+    cam = poly @ rot.T + t
+    near = near_fraction * float(t[2])
+    if np.all(cam[:, 2] >= near):
+        return poly
+    out = []
+    for i in range(len(cam)):
+        a, b = cam[i], cam[(i + 1) % len(cam)]
+        if a[2] >= near:
+            out.append(a)
+        if (a[2] >= near) != (b[2] >= near):
+            out.append(a + (b - a) * (near - a[2]) / (b[2] - a[2]))
+    if len(out) < 3:
+        return poly[:0]
+    return (np.asarray(out) - t) @ rot  # back to object points: rot is orthonormal
+
+
 def render_face(
     rng: np.random.Generator, cfg: SyntheticConfig | None = None, image_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], tuple[int, int, int, int, int, int]]:
@@ -601,6 +624,14 @@ def render_face(
 
     def P(x: np.ndarray) -> np.ndarray:
         return project(np.asarray(x, np.float64).reshape(-1, 3), rot, t, (size, size))
+
+    def P_fill(x: np.ndarray) -> np.ndarray:
+        """P for a filled silhouette behind the face, clipped at the camera's near plane.
+
+        Shoulders reach 40 units below the chin; a strongly pitched face placed close to the
+        camera can put them behind it (measured: 2 faces in 9,000, e.g. seed 5 face 636).
+        """
+        return P(_clip_near(np.asarray(x, np.float64).reshape(-1, 3), rot, t))
 
     pts = P(face.points)
     u = size / t[2]  # pixels per model unit at the face
@@ -627,9 +658,9 @@ def render_face(
     if rng.random() < 0.35:  # long hair falls behind the neck
         drop = float(rng.uniform(4, 14))
         back = np.concatenate([face.head, np.array([[face.head[-1, 0] - 1.5, drop, 2.0], [face.head[0, 0] + 1.5, drop, 2.0]])])
-        _fill(img, _spline(P(back), True, 4), hair)
-    _fill(img, P(face.shoulders), _c(rng.uniform(0, 255, 3)))
-    _fill(img, P(face.neck), _c(skin, float(rng.uniform(0.6, 0.78))))
+        _fill(img, _spline(P_fill(back), True, 4), hair)
+    _fill(img, P_fill(face.shoulders), _c(rng.uniform(0, 255, 3)))
+    _fill(img, P_fill(face.neck), _c(skin, float(rng.uniform(0.6, 0.78))))
     for e in face.ears:
         ear = _spline(P(e), True, 3)
         _fill(img, ear, _c(skin, 0.88))
