@@ -166,6 +166,8 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--qat-steps", type=click.IntRange(1, None), default=300, show_default=True, help="Optimizer steps for --qat.")
 @click.option("--qat-ranges", type=click.Choice(["mse", "minmax", "learned"]), default="mse", show_default=True, help="--qat activation ranges: re-measured (mse / minmax) or learned (carried in the checkpoint; convert writes them into the int8 model).")
 @click.option("--qat-equalize", is_flag=True, help="--qat starts from cross-layer-equalised weights (same float landmarks).")
+@click.option("--qat-trainable", type=click.Choice(["all", "affine", "ranges"]), default="all", show_default=True,
+              help="--qat trains all weights, only BN affines and biases, or only the activation ranges (needs --qat-ranges learned; the float model does not move).")
 @click.option("--val-images", default=None, help="--qat: held-out faces for the figures (folder or spec); default: photos held out of --data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @friendly
@@ -173,14 +175,16 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
           conv2: str | None, epochs: int, batch: int | None, lr: float | None, weight_decay: float | None, loss: str | None,
           schedule: str | None, out: str, resume: str | None, init: str | None, seed: int | None, device: str,
           workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
-          qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False) -> None:
+          qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False,
+          qat_trainable: str = "all") -> None:
     """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json."""
     from pathlib import Path
 
     from tqdm import tqdm
 
     if qat:
-        _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, batch, lr, seed, device, threads, no_augment, cache_dir, as_json,
+        _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, qat_trainable, batch, lr, seed, device, threads,
+                   no_augment, cache_dir, as_json,
                    unused={"--val-data": val_data, "--val-fraction": val_fraction, "--width": width, "--points": points,
                            "--conv2": conv2, "--weight-decay": weight_decay, "--loss": loss, "--schedule": schedule,
                            "--resume": resume})
@@ -238,7 +242,8 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     click.echo(to_json(result) if as_json else format_train(result))
 
 # [convert]
-def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool, batch: int | None,
+def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool,
+               trainable: str, batch: int | None,
                lr: float | None, seed: int | None, device: str, threads: int | None, no_augment: bool, cache_dir: str | None,
                as_json: bool, unused: dict[str, Any]) -> None:
     from pathlib import Path
@@ -256,6 +261,7 @@ def _train_qat(data: str | None, val_images: str | None, init: str | None, out: 
         raise UsageError(f"{', '.join(given)} do(es) not apply to --qat (it keeps --init's architecture and trains by distillation); drop them")
     cfg = QATConfig(init=Path(init), out=Path(out), data=data, val_images=val_images, steps=steps,
                     range_method="mse" if ranges == "learned" else ranges, learn_ranges=ranges == "learned", equalize=equalize,
+                    trainable=trainable,
                     batch=batch or QATConfig.batch, lr=lr or QATConfig.lr, seed=seed or 0, threads=threads, device=device,
                     augment=not no_augment, cache_dir=Path(cache_dir) if cache_dir else None)
     bar = tqdm(total=steps, desc="qat", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="step")

@@ -58,7 +58,7 @@ from .model import PFLD, LandmarkModel
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
 ACT_QMIN, ACT_QMAX = -128, 127  # int8 activations, asymmetric
 RANGE_METHODS = ("minmax", "mse")  # activation ranges QAT trains against; convert calibrates with the same
-TRAINABLE = ("all", "affine")
+TRAINABLE = ("all", "affine", "ranges")
 _SAMPLES_PER_CHUNK = 4096  # activation values kept per site and chunk for mse ranges
 
 
@@ -81,7 +81,8 @@ class QATConfig:
     # the learned ranges travel in the checkpoint and `convert` writes them into the int8 model
     range_lr: float = 1e-2  # Adam step for the log-range factors
     equalize: bool = False  # start from cross-layer-equalised weights (same float function, friendlier ranges)
-    trainable: str = "all"  # "all" weights, or "affine": BN scales/shifts and biases only (a learned bias correction)
+    trainable: str = "all"  # "all" weights; "affine": BN scales/shifts and biases only (a learned bias correction);
+    # "ranges": no weights at all, only the learned ranges (the float model does not move)
     augment: bool = True
     seed: int = 0
     threads: int | None = None
@@ -100,6 +101,8 @@ class QATConfig:
             raise UsageError(f"range_every {self.range_every} must be at least 1")
         if self.trainable not in TRAINABLE:
             raise UsageError(f"QAT trainable set {self.trainable!r} unknown; choose {' or '.join(TRAINABLE)}")
+        if self.trainable == "ranges" and not self.learn_ranges:
+            raise UsageError("training only the ranges needs learned ranges (--qat-ranges learned)")
         if self.range_method not in RANGE_METHODS:
             raise UsageError(f"QAT range method {self.range_method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -368,7 +371,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         before = _shift(_predict(student, x_val), y_val, size)
         params = [p for n, p in loaded.model.named_parameters()
                   if p.requires_grad and (cfg.trainable == "all" or p.dim() == 1)]  # 1-D: BN gamma/beta, biases
-        groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr}]
+        groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr}] if cfg.trainable != "ranges" else []
         if cfg.learn_ranges:
             groups.append({"params": list(student.learn_ranges().values()), "lr": cfg.range_lr})
         opt = torch.optim.Adam(groups)

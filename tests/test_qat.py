@@ -208,6 +208,7 @@ def test_qat_config_refuses_nonsense() -> None:
     (["train", "--qat", "--init", "{ckpt}", "--width", "1.0"], "--width"),
     (["train", "--qat", "--init", "missing.pth"], "does not exist"),
     (["train", "--val-images", "x"], "--qat"),
+    (["train", "--qat", "--init", "{ckpt}", "--qat-trainable", "ranges"], "--qat-ranges learned"),
     pytest.param(["train", "--qat", "--init", "{ckpt}", "--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")),
 ])
@@ -262,6 +263,25 @@ def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> No
             lo, hi = wanted[site]
             scale = det[o.tensor]["quantization_parameters"]["scales"][0]
             assert abs(scale - (hi - lo) / 255) < 1e-6 * max(1.0, hi - lo), (site, scale, (hi - lo) / 255)
+
+
+def test_ranges_only_qat_leaves_the_float_model_alone(fitted: dict[str, Any]) -> None:
+    """--qat-trainable ranges: the weights are the teacher's bit for bit, only the learned ranges
+    (carried in the checkpoint) differ from the observed ones."""
+    from pfld_export.export.mixed import learned_qat_ranges
+
+    res = qat(QATConfig(init=fitted["path"], out=fitted["tmp"] / "qat_ranges", data="synthetic:60:3", calib_count=40,
+                        val_count=12, steps=6, batch=8, threads=1, learn_ranges=True, trainable="ranges", range_lr=0.05,
+                        augment=False))
+    tuned = load_checkpoint(res.checkpoint)
+    before = load_checkpoint(fitted["path"]).model.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in tuned.model.state_dict().items())
+    assert res.float_drift.max_px < 0.01  # BN folded in float32 vs BN applied: rounding only
+    learned = learned_qat_ranges(tuned)
+    assert learned is not None
+    observed = FakeQuantPFLD(load_checkpoint(fitted["path"]).model.eval())
+    x = torch.from_numpy(Preprocess().apply_nchw(fitted["crops"][:40]))
+    assert any(abs(learned[k][1] - hi) > 1e-4 * max(1.0, abs(hi)) for k, (lo, hi) in observed.observe_ranges(x, "mse").items() if k in learned)
 
 
 def test_qat_equalize_starts_from_the_same_float_landmarks(fitted: dict[str, Any]) -> None:
