@@ -168,3 +168,14 @@ def test_bias_correction_removes_the_mean_output_shift_of_rounded_weights() -> N
     # the systematic (mean) part of the error shrinks; the float model moved on purpose
     assert corrected_err < plain_err * 0.7, (float(plain_err), float(corrected_err))
     assert bc.float_max_diff_px > 0
+
+
+def test_a_rewrite_that_is_not_exact_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float check is what stands between a bug in a rewrite and a silently different model:
+    readers that forget to absorb the scale must raise, naming the difference and the tolerance."""
+    import pfld_export.export.equalize as eqm
+    from pfld_export.errors import ToleranceError
+
+    monkeypatch.setattr(eqm, "_div_depthwise", lambda conv, k: None)  # the expand output is scaled, nobody compensates
+    with pytest.raises(ToleranceError, match="tolerance"):
+        equalize(_uneven_net(0, width=0.25), _inputs(8, 1), EqualizeConfig(head=False))

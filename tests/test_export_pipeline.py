@@ -44,8 +44,11 @@ def _synthetic_crops(n: int, seed: int, folder: Path) -> tuple[np.ndarray, np.nd
 
 def _briefly_fitted(width: float, crops: np.ndarray, points: np.ndarray) -> torch.nn.Module:
     """A PFLD whose output follows the face: BN statistics from real-ish crops, then the FC
-    layer solved by ridge regression on the landmarks (seconds, where SGD would take minutes)."""
-    pfld, _ = build_model(width=width)
+    layer solved by ridge regression on the landmarks (seconds, where SGD would take minutes).
+    Seeded (in a forked RNG state) so a test sees the same model on every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pfld, _ = build_model(width=width)
     x = torch.from_numpy(Preprocess().apply_nchw(crops))
     for m in pfld.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

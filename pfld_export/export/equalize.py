@@ -42,7 +42,11 @@ from torch import nn
 from ..errors import ToleranceError, UsageError
 from ..model import PFLD, HEAD_CHANNELS, InvertedResidual, LandmarkModel
 
-FLOAT_TOLERANCE_PX = 1e-4  # equalisation must not move float landmarks more than this (px at 112)
+# Equalisation must not move float landmarks more than this (px at 112). The rescaled weights are
+# stored in float32, so the rewrite is exact only up to their rounding: <= 1.2e-5 px on trained
+# models, but 1.4e-4 px was measured on a barely fitted test model whose output is chaotic (7 px
+# of int8 shift). A broken rewrite moves landmarks by whole pixels.
+FLOAT_TOLERANCE_PX = 1e-3
 # Dead or nearly dead channels (range ~0) would get huge scales that only amplify rounding noise.
 DEFAULT_MAX_SCALE = 32.0
 
