@@ -85,7 +85,7 @@ check: install
 # int8 fidelity ablation (issue 8) on real faces: needs ../shared/fixtures and the trained synthetic models
 # (make bench-int8-models trains them: 0.25X 15 epochs + 1X 4 epochs, ~15 min on 2 cores). Results:
 # benchmarks/results/int8_ablation_*.json; summary by hand in benchmarks/int8_fidelity.md.
-INT8_VARIANTS ?= converter,plain,mse,calib-aug,eq-blocks,eq-both,eq-bias,eq-both-mse,eq-bias-mse,mixed,mixed-fast
+INT8_VARIANTS ?= converter,plain,mse,calib-aug,eq-blocks,eq-both,eq-bias,eq-both-mse,eq-bias-mse,eq-streams-mse,eq-streams-bias-mse,mixed,mixed-fast
 .PHONY: bench-int8 bench-int8-models
 bench-int8-models: install
 	test -f out/models/w025/best.pth || $(BIN)/pfld-export train --data synthetic --width 0.25 --epochs 15 --out out/models/w025
