@@ -102,7 +102,7 @@ class QATConfig:
         if self.trainable not in TRAINABLE:
             raise UsageError(f"QAT trainable set {self.trainable!r} unknown; choose {' or '.join(TRAINABLE)}")
         if self.trainable == "ranges" and not self.learn_ranges:
-            raise UsageError("training only the ranges needs learned ranges (--qat-ranges learned)")
+            raise UsageError("--qat-trainable ranges trains the learned ranges only; add --qat-ranges learned")
         if self.range_method not in RANGE_METHODS:
             raise UsageError(f"QAT range method {self.range_method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
         if self.device not in ("auto", "cpu", "cuda"):
