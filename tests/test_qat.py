@@ -286,17 +286,19 @@ def test_ranges_only_qat_leaves_the_float_model_alone(fitted: dict[str, Any]) ->
     assert any(abs(learned[k][1] - hi) > 1e-4 * max(1.0, abs(hi)) for k, (lo, hi) in observed.observe_ranges(x, "mse").items() if k in learned)
 
 
-def test_convert_tries_the_learned_ranges_on_every_weight_fix(fitted: dict[str, Any], tmp_path: Path) -> None:
-    """A checkpoint with learned ranges: convert's int8 fit writes them into the plain and the
-    equalised calibration alike (candidates `qat-ranges`, `equalize/qat-ranges`)."""
+def test_convert_keeps_learned_ranges_on_the_activations_they_were_learned_for(fitted: dict[str, Any], tmp_path: Path) -> None:
+    """A --qat-equalize checkpoint with learned ranges: convert's int8 fit writes the ranges into
+    the plain and the bias-corrected calibration (`qat-ranges`, `bias/qat-ranges`) and does not
+    equalise again, which would rescale channels under the learned ranges."""
     res = qat(QATConfig(init=fitted["path"], out=tmp_path / "q", data="synthetic:60:3", calib_count=40, val_count=12, steps=2,
-                        batch=8, threads=1, learn_ranges=True, trainable="ranges", augment=False))
+                        batch=8, threads=1, learn_ranges=True, trainable="ranges", equalize=True, augment=False))
     r = CliRunner().invoke(main, ["convert", str(res.checkpoint), "--formats", "int8", "--calib", "synthetic:24:0",
-                                  "--calib-count", "20", "--int8-method", "plain,equalize", "--out", str(tmp_path / "o")])
+                                  "--calib-count", "20", "--int8-method", "plain,equalize,equalize+bias", "--out", str(tmp_path / "o")])
     assert r.exit_code in (0, 7), r.output  # 7: this barely fitted model misses the default int8 shift budget
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    methods = [c["method"] for c in report["int8_fit"]["candidates"]]
-    assert {"plain", "qat-ranges", "equalize", "equalize/qat-ranges"} <= set(methods), methods
+    methods = {c["method"] for c in report["int8_fit"]["candidates"]}
+    assert {"plain", "qat-ranges", "bias", "bias/qat-ranges"} <= methods, methods
+    assert not any(m.startswith("equalize") for m in methods), methods
 
 
 def test_qat_equalize_starts_from_the_same_float_landmarks(fitted: dict[str, Any]) -> None:

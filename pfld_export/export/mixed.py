@@ -597,6 +597,13 @@ def fit_int8(
         cals["qat-ranges"] = with_site_ranges(plain, learned)
     equalized: list[str] = []
     fixes = [m for m in WEIGHT_FIXES if m in cfg.methods]
+    if learned and fixes:
+        # Learned ranges belong to the checkpoint's own activations: equalising again rescales
+        # channels under them (measured on a ranges-only 1X checkpoint: 0.61 px vs 0.35 on the
+        # search crops). Bias correction alone keeps them; a --qat-equalize checkpoint is
+        # equalised already, so re-equalising it is not tried at all.
+        equalized_qat = bool(loaded.meta.provenance.get("qat", {}).get("equalized")) if loaded is not None else False
+        fixes = ([] if equalized_qat else fixes) + (["bias"] if "equalize+bias" in fixes else [])
     if fixes and loaded is None:
         say("weight fixes skipped: an ONNX source has no PyTorch weights to rewrite")
     elif fixes:
@@ -609,9 +616,10 @@ def fit_int8(
                 art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
                 cals.update(calibrated(m, art))
             base_cal = cals.get(m) or cals.get(f"{m}/mse")
-            if learned and base_cal is not None:
-                # QAT's ranges on the fixed weights too: no conversion, only the scales differ.
-                # Measured on a ranges-only 1X checkpoint: equalize+bias with them 0.315 px vs 0.322.
+            if learned and m == "bias" and base_cal is not None:
+                # QAT's ranges on the bias-corrected weights too: no conversion, only the scales
+                # differ. Measured on a ranges-only 0.25X checkpoint: chosen, 0.457 px held-out
+                # against 0.463 (qat-ranges) and 0.489 (best PTQ).
                 cals[f"{m}/qat-ranges"] = with_site_ranges(base_cal, learned)
     first_io = next(iter(io_dtypes.values()), "float32")
     candidates = []
@@ -695,7 +703,8 @@ def _labels(loaded: Any | None) -> list[str] | None:
 
 def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, methods: Sequence[str], alpha: float) -> Iterator[tuple[Any, list[str]]]:
     """Copies of `loaded` with equalised (and, for equalize+bias, also bias-corrected) float
-    weights, one per method in order; the equalisation is computed once and shared."""
+    weights, one per method in order; the equalisation is computed once and shared. "bias" is
+    bias correction of the weights as they are (for checkpoints whose ranges were learned)."""
     import dataclasses
 
     import torch
@@ -706,10 +715,11 @@ def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, methods: Seq
     prev = torch.get_num_threads()
     torch.set_num_threads(1)  # small forwards: one thread avoids oversubscribing shared cores
     try:
-        eq = equalize(loaded.inference_model(), x, EqualizeConfig(alpha=alpha))
-        names = [t.name for t in eq.tensors]
+        eq = equalize(loaded.inference_model(), x, EqualizeConfig(alpha=alpha)) if any(m.startswith("equalize") for m in methods) else None
+        names = [t.name for t in eq.tensors] if eq is not None else []
         for m in methods:
-            net = bias_correct(eq.model, x).model if m == "equalize+bias" else eq.model
+            base = eq.model if eq is not None and m.startswith("equalize") else loaded.inference_model()
+            net = bias_correct(base, x).model if m.endswith("bias") else base
             yield dataclasses.replace(loaded, model=net.pfld), names
     finally:
         torch.set_num_threads(prev)
