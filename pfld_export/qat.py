@@ -105,8 +105,9 @@ class QATConfig:
             raise UsageError("--qat-trainable ranges trains the learned ranges only; add --qat-ranges learned")
         if self.range_method not in RANGE_METHODS:
             raise UsageError(f"QAT range method {self.range_method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        from .train import check_device
+
+        check_device(self.device)
 
 
 @dataclass

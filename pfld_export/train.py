@@ -47,6 +47,7 @@ from .model import PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
 from .preprocess import Preprocess
 
 Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 # Defaults for run-defining options left at None, by data kind (the spec's prefix). Real data:
 # the paper. Synthetic: measured for the 3-epoch demo on 2 CPU cores (benchmarks/training.md).
@@ -118,8 +119,7 @@ class TrainConfig:
             raise UsageError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.attribute_weighting is not None and self.attribute_weighting not in ATTRIBUTE_WEIGHTING:
             raise UsageError(f"attribute_weighting must be one of {ATTRIBUTE_WEIGHTING}, got {self.attribute_weighting!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device)
         if self.resume is not None and self.init is not None:
             raise UsageError("--resume continues a run and --init starts a new one from weights; pass only one")
         if self.loss is not None:
@@ -170,6 +170,12 @@ Progress = Callable[[TrainEvent], None]
 def data_kind(spec: str) -> str:
     """"wflw:/data/WFLW" -> "wflw"; "synthetic:500" -> "synthetic"."""
     return spec.split(":", 1)[0].strip().lower()
+
+
+def check_device(device: str) -> None:
+    """--device is one of DEVICES (whether CUDA is there is `resolve_device`'s question)."""
+    if device not in DEVICES:
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -8,7 +8,6 @@ quantizer that is not the one `convert` runs).
 from __future__ import annotations
 
 import json
-
 import os
 import tempfile
 from pathlib import Path
