@@ -179,3 +179,12 @@ def test_convert_max_shift_failure_is_one_line_with_the_best_figure(tmp_path: Pa
     row = next(f for f in report["formats"] if f["format"] == "int8")
     check = next(c for c in row["checks"] if c["name"] == "max-shift")
     assert not check["ok"] and f"{row['shift']['mean_px']:.3f}" in check["detail"]
+
+
+def test_bias_corrected_candidates_are_told_apart_by_their_weight_fix() -> None:
+    """The mixed search also starts from the best float-preserving candidate; every
+    bias-corrected name (with or without equalisation, any range method) must count as not."""
+    from pfld_export.export.mixed import _bias_corrected
+
+    assert all(_bias_corrected(m) for m in ("equalize+bias", "equalize+bias/mse", "bias", "bias/mse", "bias/qat-ranges"))
+    assert not any(_bias_corrected(m) for m in ("plain", "plain/mse", "qat-ranges", "equalize", "equalize/percentile:99.99"))

@@ -602,7 +602,7 @@ def fit_int8(
         # channels under them (measured on a ranges-only 1X checkpoint: 0.61 px vs 0.35 on the
         # search crops). Bias correction alone keeps them; a --qat-equalize checkpoint is
         # equalised already, so re-equalising it is not tried at all.
-        equalized_qat = bool(loaded.meta.provenance.get("qat", {}).get("equalized")) if loaded is not None else False
+        equalized_qat = bool(loaded.meta.provenance["qat"].get("equalized"))  # learned ranges come from a QAT checkpoint
         fixes = ([] if equalized_qat else fixes) + (["bias"] if "equalize+bias" in fixes else [])
     if fixes and loaded is None:
         say("weight fixes skipped: an ONNX source has no PyTorch weights to rewrite")
@@ -614,13 +614,13 @@ def fit_int8(
                 from .onnx import OnnxConfig, to_onnx
 
                 art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
-                cals.update(calibrated(m, art))
-            base_cal = cals.get(m) or cals.get(f"{m}/mse")
-            if learned and m == "bias" and base_cal is not None:
+                got = calibrated(m, art)
+            cals.update(got)
+            if learned and m == "bias":
                 # QAT's ranges on the bias-corrected weights too: no conversion, only the scales
                 # differ. Measured on a ranges-only 0.25X checkpoint: chosen, 0.457 px held-out
                 # against 0.463 (qat-ranges) and 0.489 (best PTQ).
-                cals[f"{m}/qat-ranges"] = with_site_ranges(base_cal, learned)
+                cals[f"{m}/qat-ranges"] = with_site_ranges(got.get(m) or next(iter(got.values())), learned)
     first_io = next(iter(io_dtypes.values()), "float32")
     candidates = []
     for m, cal in cals.items():
@@ -641,8 +641,8 @@ def fit_int8(
         # can never get below its float drift (measured: 0.46 px with 60 float ops on the
         # 17-point fixture); the best float-preserving variant is searched as well.
         bases = [best.method]
-        exact = [c for c in candidates if "+bias" not in c.method]
-        if "+bias" in best.method and exact:
+        exact = [c for c in candidates if not _bias_corrected(c.method)]
+        if _bias_corrected(best.method) and exact:
             bases.append(min(exact, key=rank_key).method)
         k = min(len(calib.crops), RANKING_CROPS)
         for base in bases:
@@ -666,6 +666,12 @@ def fit_int8(
         if cfg.measure_latency and best.method != "plain":
             fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], pre)[0]
     return fit
+
+
+def _bias_corrected(method: str) -> bool:
+    """Whether a candidate's weights were bias-corrected ("equalize+bias/mse", "bias/qat-ranges"...):
+    the part before the range method names the weight fix."""
+    return method.split("/")[0].endswith("bias")
 
 
 def learned_qat_ranges(loaded: Any | None) -> dict[str, tuple[float, float]] | None:
