@@ -62,7 +62,7 @@ ATTRIBUTE_WEIGHTING = ("batch", "dataset")
 
 # Options that define a run: a resumed run keeps them; None means "default / as saved".
 _RUN_KEYS = ("data", "val_data", "val_fraction", "width", "points", "conv2", "batch", "lr", "weight_decay",
-             "loss", "schedule", "warmup_steps", "seed", "augment", "attribute_weighting", "init")
+             "loss", "schedule", "warmup_steps", "seed", "augment", "attribute_weighting", "init", "int8_noise")
 
 
 @dataclass
@@ -91,6 +91,7 @@ class TrainConfig:
     threads: int | None = None  # torch threads while training (restored after); None: `auto_threads()`
     augment: bool | None = None  # None: True
     attribute_weighting: str | None = None  # batch (the paper) | dataset; None: batch
+    int8_noise: float | None = None  # int8 steps of rounding noise at every requantized tensor (qat.add_int8_noise); None: 0, off
     cache_dir: Path | None = None  # where load_spec keeps generated synthetic sets
     strict: bool = False  # refuse datasets with unusable annotation lines
     eval_initial: bool = True  # measure the untrained network's val NME first (epoch 0)
@@ -124,6 +125,8 @@ class TrainConfig:
             raise UsageError("--resume continues a run and --init starts a new one from weights; pass only one")
         if self.loss is not None:
             get_loss(self.loss)  # raises with the list of names
+        if self.int8_noise is not None and not 0 <= self.int8_noise <= 64:
+            raise UsageError(f"--int8-noise must be in [0, 64] int8 steps (8 is the measured choice), got {self.int8_noise}")
 
 
 @dataclass
@@ -214,7 +217,7 @@ def _resolve(cfg: TrainConfig, saved: Mapping[str, Any] | None) -> dict[str, Any
     run["lr"] = run["lr"] if run["lr"] is not None else d["lr"]
     run["batch"] = run["batch"] if run["batch"] is not None else d["batch"]
     for k, v in (("val_fraction", 0.1), ("weight_decay", 1e-6), ("loss", "pfld"), ("schedule", "cosine"),
-                 ("seed", 0), ("augment", True), ("attribute_weighting", "batch")):
+                 ("seed", 0), ("augment", True), ("attribute_weighting", "batch"), ("int8_noise", 0.0)):
         if run[k] is None:
             run[k] = v
     return run
@@ -568,6 +571,10 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
         provenance = {"trained_by": "pfld-export train", **init_info}
         if init_info.get("new_head", True):  # from scratch, or --init with another point count
             init_head(model, mean_shape(train_records))
+    if run.get("int8_noise"):  # None in runs saved before the option existed: off
+        from .qat import add_int8_noise
+
+        add_int8_noise(model, float(run["int8_noise"]))
     model.to(device).train()
     aux.to(device).train()
 

@@ -317,3 +317,50 @@ def test_convert_reference_must_exist(fitted: dict[str, Any]) -> None:
     r = CliRunner().invoke(main, ["convert", str(fitted["path"]), "--int8", "--reference", "nope.pth",
                                   "--out", str(fitted["tmp"] / "conv_out2")])
     assert r.exit_code != 0 and r.output.startswith("error: --reference nope.pth does not exist")
+
+
+def test_int8_noise_perturbs_every_requantized_tensor_in_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from pfld_export.qat import add_int8_noise
+
+    torch.manual_seed(0)
+    pfld, _ = build_model(width=0.25, points=7)
+    x = torch.rand(4, 3, 112, 112)
+    plain = copy.deepcopy(pfld)
+    handles = add_int8_noise(pfld, 8.0)
+    pfld.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(pfld(x)[1], plain(x)[1])  # evaluation (and export) is the plain network
+    # One noise draw per tensor the int8 graph requantizes: FakeQuantPFLD's sites, less the input
+    # (x/255 is exact in int8), plus S3's ReLU, which feeds the concat (noised again there).
+    sim = FakeQuantPFLD(plain)
+    sim.observe_ranges(x)
+    draws = []
+    real_rand_like = torch.rand_like
+    monkeypatch.setattr(torch, "rand_like", lambda t: draws.append(t.shape) or real_rand_like(t))
+
+    def train_diff(strength: float) -> float:
+        torch.manual_seed(1)
+        a, b = copy.deepcopy(plain).train(), copy.deepcopy(plain).train()
+        hs = add_int8_noise(a, strength)
+        with torch.no_grad():
+            d = (a(x)[1] - b(x)[1]).abs().max().item()
+        for h in hs:
+            h.remove()
+        return d
+
+    pfld.train()
+    with torch.no_grad():
+        pfld(x)
+    assert len(draws) == len(sim.ranges)
+    small, large = train_diff(1.0), train_diff(8.0)
+    assert 0 < small < large
+    for h in handles:
+        h.remove()
+    a, b = copy.deepcopy(pfld).train(), copy.deepcopy(plain).train()
+    with torch.no_grad():
+        assert torch.equal(a(x)[1], b(x)[1])  # removed hooks leave nothing behind
+    assert add_int8_noise(pfld, 0.0) == []
+    with pytest.raises(UsageError, match="--int8-noise -1.0 must be >= 0"):
+        add_int8_noise(pfld, -1.0)

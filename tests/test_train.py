@@ -174,6 +174,21 @@ def test_interrupt_then_resume_matches_uninterrupted_run(tmp_path: Path, cache: 
         train(TrainConfig(out=tmp_path / "cut", resume=tmp_path / "cut" / "last.pth", epochs=2, cache_dir=cache))
 
 
+def test_int8_noise_trains_a_different_network_and_is_part_of_the_run(tmp_path: Path, cache: Path) -> None:
+    plain = train(_cfg(tmp_path / "plain", cache, epochs=1))
+    noisy = train(_cfg(tmp_path / "noisy", cache, epochs=1, int8_noise=8.0))
+    a, b = load_checkpoint(plain.last_checkpoint), load_checkpoint(noisy.last_checkpoint)
+    assert a.meta.training["config"]["int8_noise"] == 0.0 and b.meta.training["config"]["int8_noise"] == 8.0
+    moved = max((v.float() - b.model.state_dict()[k].float()).abs().max().item()
+                for k, v in a.model.state_dict().items() if v.is_floating_point())
+    assert moved > 1e-6  # same seed and data: only the noise differs
+    assert set(a.model.state_dict()) == set(b.model.state_dict())  # the checkpoint is a plain PFLD
+    with pytest.raises(UsageError, match="--resume continues the saved run.*int8_noise"):
+        train(TrainConfig(out=tmp_path / "noisy", resume=noisy.last_checkpoint, epochs=2, int8_noise=2.0, cache_dir=cache))
+    with pytest.raises(UsageError, match="--int8-noise must be in"):
+        TrainConfig(int8_noise=-1.0)
+
+
 def test_init_from_17_point_pfld_pytorch_checkpoint(tmp_path: Path, cache: Path) -> None:
     ckpt = fixture_path("checkpoints", "pfld17_w050_dwconv2_polariszhao_layout.pth.tar")
     res = train(_cfg(tmp_path / "ft", cache, init=ckpt, epochs=1))
@@ -209,6 +224,7 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
         (["--data", "nonsense:1"], 4, "unknown dataset spec"),
         (["--resume", "missing.pth"], 3, "does not exist"),
         (["--epochs", "0"], 2, "--epochs must be at least 1"),
+        (["--int8-noise", "100"], 2, "--int8-noise must be in [0, 64]"),
     ],
 )
 def test_cli_bad_input_one_line(tmp_path: Path, args: list[str], code: int, message: str) -> None:
