@@ -15,6 +15,7 @@ help:
 	@echo "make bench-arm  MODEL=... [SERIAL=...] [BENCHMARK_MODEL=...] latency on an adb device"
 	@echo "make check      size / latency / accuracy regression gate against models/baselines.json"
 	@echo "make bench-int8 int8 fidelity ablation on real faces (needs ../shared/fixtures) -> benchmarks/int8_fidelity.md"
+	@echo "make bench-int8-noise int8-robust training (train --int8-noise 4/8/16) measured on real faces -> benchmarks/int8_fidelity.md"
 
 install: $(STAMP)
 
@@ -98,3 +99,17 @@ bench-int8: bench-int8-models
 	$(BIN)/python benchmarks/int8_ablation.py --model out/models/w025/best.pth --model out/models/w100/best.pth \
 		--variants $(INT8_VARIANTS) --json benchmarks/results/int8_ablation_synthetic.json
 	$(BIN)/python benchmarks/int8_ablation.py --markdown benchmarks/results/int8_ablation_pfld17.json benchmarks/results/int8_ablation_synthetic.json
+
+# [bench-int8-noise]
+# int8-robust training (issue 8, third pass): 0.25X from scratch with train --int8-noise K (K = 0 is bench-int8-models'
+# w025), then the ablation's main variants on each; about 40 min on 2 cores. Results:
+# benchmarks/results/int8_noise_training_w025.json; summary by hand in benchmarks/int8_fidelity.md.
+NOISE_LEVELS ?= 4 8 16
+.PHONY: bench-int8-noise
+bench-int8-noise: bench-int8-models
+	@test -d ../shared/fixtures/unlabeled || { echo "bench-int8-noise needs real faces in ../shared/fixtures/unlabeled (project machines only)" >&2; exit 2; }
+	for k in $(NOISE_LEVELS); do test -f out/models/w025_noise$$k/best.pth || \
+		$(BIN)/pfld-export train --data synthetic --width 0.25 --epochs 15 --int8-noise $$k --out out/models/w025_noise$$k || exit 1; done
+	$(BIN)/python benchmarks/int8_ablation.py --model out/models/w025/best.pth $(foreach k,$(NOISE_LEVELS),--model out/models/w025_noise$(k)/best.pth) \
+		--variants converter,plain,mse,eq-both-mse,eq-bias-mse --json benchmarks/results/int8_noise_training_w025.json
+	$(BIN)/python benchmarks/int8_ablation.py --markdown benchmarks/results/int8_noise_training_w025.json

@@ -777,7 +777,8 @@ def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fi
             got = "not measured" if s is None else f"best reached mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on {s.faces} held-out faces"
             fix = "" if ok else ("; allow more float ops (--max-float-ops), raise --max-shift, or fine-tune for int8 with "
                                  "`pfld-export train --qat --qat-ranges learned --qat-equalize --init CKPT --data PHOTOS` and convert "
-                                 "that with --reference CKPT (measured gains: benchmarks/int8_fidelity.md)")
+                                 "that with --reference CKPT; a model you train yourself can train int8-robust with `pfld-export train --int8-noise 8` "
+                                 "(measured gains and their NME cost: benchmarks/int8_fidelity.md)")
             row.checks.append(Check("max-shift", ok, f"{got} (budget mean {cfg.max_shift} px, p99 {p99_budget:g} px) with {how}{fix}"))
         if cfg.max_nme_increase is not None:
             inc = row.nme_increase
