@@ -297,7 +297,7 @@ def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
     so the checkpoint is an ordinary PFLD. Why: post-training int8 is saturated on PFLD (its
     error is rounding noise spread over every layer, benchmarks/int8_fidelity.md), and
     fine-tuning a float-trained network (`qat`) barely moves its sensitivity to that noise.
-    Training against it from the first step does: 0.25X at strength 8 moves 0.29 px under int8
+    Training against it from the first step does: 0.25X at strength 8 moves 0.29-0.34 px under int8
     instead of 0.49, for a worse float NME (0.089 vs 0.081 on synthetic faces).
     """
     if not strength >= 0:
