@@ -315,13 +315,14 @@ def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
     def before(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         return (noisy(args[0]), *args[1:]) if mod.training else None
 
-    handles = [m.register_forward_hook(after) for m in pfld.modules() if isinstance(m, nn.ReLU)]
-    for name in pfld._blocks:
-        block = getattr(pfld, name)
+    blocks = [getattr(pfld, name) for name in pfld._blocks]
+    for name, block in zip(pfld._blocks, blocks):  # checked before any hook goes on: a refusal leaves the model as it was
         seq = getattr(block, "conv", None)
         if not isinstance(seq, nn.Sequential) or len(seq) != 8:
             raise UsageError(f"--int8-noise knows PFLD's inverted-residual blocks; {name} is a {type(block).__name__}")
-        handles.append(seq[7].register_forward_hook(after))  # the linear projection
+    handles = [m.register_forward_hook(after) for m in pfld.modules() if isinstance(m, nn.ReLU)]
+    for block in blocks:
+        handles.append(block.conv[7].register_forward_hook(after))  # the linear projection
         if block.use_res_connect:
             handles.append(block.register_forward_hook(after))  # the residual ADD
     handles.append(pfld.fc.register_forward_pre_hook(before))  # the concat's one scale

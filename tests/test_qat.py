@@ -329,7 +329,8 @@ def test_int8_noise_perturbs_every_requantized_tensor_in_training_only(monkeypat
     x = torch.rand(4, 3, 112, 112)
     plain = copy.deepcopy(pfld)
     handles = add_int8_noise(pfld, 8.0)
-    pfld.eval(), plain.eval()
+    pfld.eval()
+    plain.eval()
     with torch.no_grad():
         assert torch.equal(pfld(x)[1], plain(x)[1])  # evaluation (and export) is the plain network
     # One noise draw per tensor the int8 graph requantizes: FakeQuantPFLD's sites, less the input
