@@ -195,6 +195,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
 
         raise UsageError("--val-images goes with --qat; for training use --val-data")
 
+    from .distributed import context_from_env
     from .report import format_train, format_train_epoch, to_json
     from .train import TrainConfig, TrainEvent, train as run_train
 
@@ -241,7 +242,8 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     finally:
         if "bar" in bars:
             bars.pop("bar").close()
-    click.echo(to_json(result) if as_json else format_train(result))
+    if result.processes == 1 or context_from_env().is_main:  # under torchrun one report, from process 0
+        click.echo(to_json(result) if as_json else format_train(result))
 
 # [convert]
 def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool,

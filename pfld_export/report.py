@@ -163,7 +163,9 @@ def format_train(result: Any) -> str:
     out.append(f"best        {result.best_checkpoint}")
     out.append(f"last        {result.last_checkpoint}")
     out.append(f"history     {result.history_file}")
-    out.append(f"wall time   {result.wall_s:.1f} s on {result.device}")
+    procs = getattr(result, "processes", 1)
+    on = f"{procs} processes (DDP), {result.device} each; --batch {c.get('batch')} is global" if procs > 1 else result.device
+    out.append(f"wall time   {result.wall_s:.1f} s on {on}")
     return "\n".join(out)
 
 def format_qat(result: Any) -> str:

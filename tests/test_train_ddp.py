@@ -1,0 +1,140 @@
+"""`pfld-export train` under torchrun: 2 gloo processes on the CPU against one process.
+
+What "equal" means here. SyncBatchNorm runs on GPUs only, so with gloo each process normalises
+its own half of every global batch, and DDP copies process 0's BatchNorm running statistics to
+the other before every forward. A plain one-process run normalises the whole batch at once and
+so trains a (slightly) different network: comparing to it would test nothing exact. The
+one-process reference here is the library's own `train()` with the same options and global
+batch, whose step splits each batch into the same 2 shards (faces 0, 2, ... and 1, 3, ...),
+averages their gradients and keeps shard 0's running statistics: everything else (data order,
+augmentation, initial weights, mean-shape head, schedule, validation, best choice, files) is the
+library's single-process path. The two must agree to float tolerance (gradient averaging order
+differs: all-reduce vs accumulation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+import torch
+
+from pfld_export.checkpoint import load_checkpoint
+from pfld_export.errors import UsageError
+from pfld_export.loss import LossOutput
+from pfld_export.train import TrainConfig, batch_loss, train
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORLD = 2
+# 16 faces, 4 held out: 12 training faces = 3 global batches of 4 (2 per process), 1 epoch, 0.25X.
+OPTIONS = {"data": "synthetic:16:5", "val_fraction": 0.25, "batch": 4, "epochs": 1, "width": 0.25, "seed": 3,
+           "warmup_steps": 0}
+
+
+def _cli_args(out: Path, cache: Path) -> list[str]:
+    return ["train", "--data", OPTIONS["data"], "--val-fraction", str(OPTIONS["val_fraction"]), "--batch", str(OPTIONS["batch"]),
+            "--epochs", str(OPTIONS["epochs"]), "--width", str(OPTIONS["width"]), "--seed", str(OPTIONS["seed"]),
+            "--device", "cpu", "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
+
+
+def _torchrun(args: list[str], log_dir: Path, watch: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc_per_node 2 tests/ddp_audit.py ...`: the real launcher and CLI."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "OMP_NUM_THREADS": "1"}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+         str(HERE / "ddp_audit.py"), str(log_dir), str(watch), "--", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )
+
+
+def _sharded_step(world: int) -> Any:
+    """One step as DDP on `world` processes takes it, in one process (see the module docstring)."""
+
+    def step(model: torch.nn.Module, aux: torch.nn.Module, batch: Mapping[str, Any], loss_name: str,
+             optimizer: torch.optim.Optimizer, device: torch.device, class_freq: torch.Tensor | None) -> LossOutput:
+        optimizer.zero_grad(set_to_none=True)
+        stats = {n: {k: v.clone() for k, v in net.named_buffers()} for n, net in (("m", model), ("a", aux))}
+        parts: dict[int, LossOutput] = {}
+        for r in [*range(1, world), 0]:  # shard 0 last, from the saved running statistics: process 0's
+            if r == 0:
+                for n, net in (("m", model), ("a", aux)):
+                    for k, v in net.named_buffers():
+                        v.copy_(stats[n][k])
+            shard = {k: v[r::world] for k, v in batch.items()}
+            lo = batch_loss(model, aux, shard, loss_name, device, class_freq)
+            (lo.total / world).backward()
+            parts[r] = lo
+        optimizer.step()
+
+        def mean(get: Any) -> torch.Tensor:
+            return torch.stack([get(p).detach() for p in parts.values()]).mean()
+
+        angle = mean(lambda p: p.angle) if parts[0].angle is not None else None
+        return LossOutput(total=mean(lambda p: p.total), landmark_l2=mean(lambda p: p.landmark_l2), angle=angle)
+
+    return step
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The one-process sharded reference (which also fills the data cache), then the torchrun run."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cache = tmp / "cache"
+    ref = train(TrainConfig(out=tmp / "ref", cache_dir=cache, device="cpu", threads=1, **OPTIONS),  # type: ignore[arg-type]
+                step=_sharded_step(WORLD))
+    p = _torchrun(_cli_args(tmp / "ddp", cache), tmp / "audit", tmp / "ddp")
+    return {"ref": ref, "proc": p, "tmp": tmp, "cache": cache}
+
+
+def test_two_gloo_processes_complete_and_only_rank0_writes(runs: dict[str, Any]) -> None:
+    p, tmp = runs["proc"], runs["tmp"]
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    audit = {r: json.loads((tmp / "audit" / f"rank{r}.json").read_text()) for r in range(WORLD)}
+    assert all(a["exit"] in (0, None) for a in audit.values()), audit
+    final = {w for w in audit[0]["writes"] if not os.path.basename(w).startswith(".")}
+    assert final == {"best.pth", "last.pth", "history.json"}, audit[0]["writes"]
+    assert audit[1]["writes"] == [], f"rank 1 wrote {audit[1]['writes']}"
+    assert sorted(f.name for f in (tmp / "ddp").iterdir()) == ["best.pth", "history.json", "last.pth"]
+    assert p.stdout.count("wall time") == 1 and "2 processes" in p.stdout, p.stdout  # one report, from rank 0
+    hist = json.loads((tmp / "ddp" / "history.json").read_text())
+    assert hist["processes"] == WORLD and hist["config"]["batch"] == OPTIONS["batch"]
+    assert load_checkpoint(tmp / "ddp" / "last.pth").extra["world_size"] == WORLD
+
+
+def test_two_processes_equal_one_process_same_global_batch(runs: dict[str, Any]) -> None:
+    p, tmp, ref = runs["proc"], runs["tmp"], runs["ref"]
+    assert p.returncode == 0, p.stderr[-4000:]
+    got, want = load_checkpoint(tmp / "ddp" / "last.pth"), load_checkpoint(ref.last_checkpoint)
+    for name, (a, b) in {"model": (got.model, want.model), "aux": (got.aux, want.aux)}.items():
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if sa[k].is_floating_point():
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{name}.{k}: {m}")
+            else:
+                assert torch.equal(sa[k], sb[k]), f"{name}.{k}"
+    hist = json.loads((tmp / "ddp" / "history.json").read_text())
+    ref_hist = json.loads(ref.history_file.read_text())
+    assert [e["steps"] for e in hist["epochs"]] == [e["steps"] for e in ref_hist["epochs"]] == [3]
+    for a, b in zip(hist["epochs"], ref_hist["epochs"]):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_nme"] == pytest.approx(b["val_nme"], rel=1e-4)
+    assert hist["initial_val_nme"] == pytest.approx(ref_hist["initial_val_nme"], rel=1e-6)
+    assert hist["best_epoch"] == ref_hist["best_epoch"]
+    assert hist["epochs"][0]["val_nme"] != hist["initial_val_nme"]  # the steps moved the weights
+
+
+def test_resume_with_another_process_count_is_refused(runs: dict[str, Any]) -> None:
+    tmp = runs["tmp"]
+    assert runs["proc"].returncode == 0
+    with pytest.raises(UsageError, match=r"trained by 2 process\(es\) and this run has 1.*--nproc_per_node"):
+        train(TrainConfig(out=tmp / "again", resume=tmp / "ddp" / "last.pth", epochs=2, cache_dir=runs["cache"], device="cpu"))
