@@ -138,3 +138,31 @@ def test_resume_with_another_process_count_is_refused(runs: dict[str, Any]) -> N
     assert runs["proc"].returncode == 0
     with pytest.raises(UsageError, match=r"trained by 2 process\(es\) and this run has 1.*--nproc_per_node"):
         train(TrainConfig(out=tmp / "again", resume=tmp / "ddp" / "last.pth", epochs=2, cache_dir=runs["cache"], device="cpu"))
+
+
+def _qat_args(init: Path, out: Path, cache: Path) -> list[str]:
+    return ["train", "--qat", "--init", str(init), "--data", "synthetic:30:5", "--qat-steps", "3", "--batch", "4",
+            "--seed", "1", "--device", "cpu", "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
+
+
+@pytest.mark.slow
+def test_qat_under_torchrun_equals_one_process(runs: dict[str, Any]) -> None:
+    """`train --qat` on 2 gloo processes: BatchNorm is frozen in QAT, so the shards' averaged
+    gradient is the one-process gradient and qat.pth must match the one-process run's; process
+    1 writes nothing."""
+    from click.testing import CliRunner
+
+    from pfld_export.cli import main
+
+    tmp, init = runs["tmp"], runs["ref"].last_checkpoint
+    one = CliRunner().invoke(main, _qat_args(init, tmp / "qat1", runs["cache"]))
+    assert one.exit_code == 0, one.output
+    p = _torchrun(_qat_args(init, tmp / "qat2", runs["cache"]), tmp / "audit_qat", tmp / "qat2")
+    assert p.returncode == 0, p.stderr[-4000:]
+    audit = {r: json.loads((tmp / "audit_qat" / f"rank{r}.json").read_text()) for r in range(WORLD)}
+    assert audit[1]["writes"] == [] and "qat.pth" in audit[0]["writes"]
+    a, b = load_checkpoint(tmp / "qat2" / "qat.pth").model.state_dict(), load_checkpoint(tmp / "qat1" / "qat.pth").model.state_dict()
+    moved = max(float((a[k] - load_checkpoint(init).model.state_dict()[k]).abs().max()) for k in a if a[k].is_floating_point())
+    assert moved > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
