@@ -148,8 +148,8 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--points", type=int, default=None, help="Landmark count; must match the data layout  [default: the data's]")
 @click.option("--conv2", type=click.Choice(["full", "depthwise"]), default=None, help="conv2 kind  [default: full, or --init's]")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
-@click.option("--batch", type=int, default=None, help="Batch size  [default: 256 on real data, 32 on synthetic]")
-@click.option("--lr", type=float, default=None, help="Adam learning rate  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
+@click.option("--batch", type=int, default=None, help="GLOBAL batch size: under torchrun it is split over the processes (batch / N each), so a step averages the same number of faces on any N  [default: 256 on real data, 32 on synthetic]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate, never scaled for you: with a bigger --batch raise it yourself  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
 @click.option("--weight-decay", type=float, default=None, help="Adam weight decay  [default: 1e-6]")
 @click.option("--loss", type=click.Choice(["pfld", "l2", "wing"]), default=None, help="pfld (pose+attribute weighted L2), l2 or wing  [default: pfld]")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning-rate schedule after a short warm-up  [default: cosine]")
@@ -178,7 +178,13 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
           workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
           qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False,
           qat_trainable: str = "all", int8_noise: float | None = None) -> None:
-    """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json."""
+    """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json.
+
+    \b
+    Several GPUs or machines: run it unchanged under torchrun (DDP; NCCL on GPUs, gloo on CPU):
+      torchrun --standalone --nproc_per_node 4 -m pfld_export.cli train --batch 256 ...
+    --batch is global; process 0 alone writes files; --resume needs the same process count.
+    """
     from pathlib import Path
 
     from tqdm import tqdm
