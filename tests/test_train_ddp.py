@@ -166,3 +166,28 @@ def test_qat_under_torchrun_equals_one_process(runs: dict[str, Any]) -> None:
     assert moved > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun_with_int8_noise_reproduces_the_uninterrupted_run(runs: dict[str, Any]) -> None:
+    """2 processes with --int8-noise (torch randomness on every process): 2 epochs straight equal
+    1 epoch + --resume to 2 (each process re-seeds per epoch from seed, rank and epoch). A constant
+    lr, because resuming with more epochs re-plans a cosine schedule."""
+    tmp, cache = runs["tmp"], runs["cache"]
+    noise = ["--int8-noise", "4", "--schedule", "constant"]
+
+    def launch(name: str, *extra: str) -> None:
+        args = [a if a != str(tmp / "ddp") else str(tmp / name) for a in _cli_args(tmp / "ddp", cache)]
+        p = _torchrun([*args, *noise, *extra], tmp / f"audit_{name}", tmp / name)
+        assert p.returncode == 0, p.stderr[-4000:]
+
+    launch("straight", "--epochs", "2")
+    launch("first")
+    launch("resumed", "--epochs", "2", "--resume", str(tmp / "first" / "last.pth"))
+    a = load_checkpoint(tmp / "straight" / "last.pth")
+    b = load_checkpoint(tmp / "resumed" / "last.pth")
+    assert a.extra["epoch"] == b.extra["epoch"] == 2 and b.extra["world_size"] == WORLD
+    for k, v in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    first = load_checkpoint(tmp / "first" / "last.pth").model.state_dict()
+    assert any(not torch.equal(first[k], v) for k, v in a.model.state_dict().items())  # epoch 2 trained
