@@ -23,6 +23,9 @@ Resuming with a larger `--epochs` re-plans the cosine schedule over the new tota
 
 A fresh FC head (training from scratch, or `--init` with another point count) starts at the mean
 training shape (`init_head`), so `initial_val_nme` is the mean-shape baseline, not a random net's.
+
+Under torchrun the same function runs in every process: DDP over each process's share of every
+global batch, process 0 writing and validating (`distributed.py` has the decisions and why).
 """
 
 from __future__ import annotations
