@@ -12,7 +12,7 @@ help:
 	@echo "make test       install and run the default test suite"
 	@echo "make test-slow  the slow end-to-end conversions on the real fixtures"
 	@echo "make bench      host latency benchmark -> benchmarks/results/"
-	@echo "make bench-arm  MODEL=... [SERIAL=...] [BENCHMARK_MODEL=...] latency on an adb device"
+	@echo "make bench-arm  MODEL=... [SERIAL=a,b | ALL_DEVICES=1] [BENCHMARK_MODEL=...] latency on adb devices"
 	@echo "make check      size / latency / accuracy regression gate against models/baselines.json"
 	@echo "make bench-int8 int8 fidelity ablation on real faces (needs ../shared/fixtures) -> benchmarks/int8_fidelity.md"
 	@echo "make bench-int8-noise int8-robust training (train --int8-noise 4/8/16) measured on real faces -> benchmarks/int8_fidelity.md"
@@ -59,10 +59,11 @@ bench: install
 	$(BIN)/python benchmarks/run_host_bench.py $(BENCH_ARGS)
 # [bench-arm]
 # Latency on an adb device with TFLite's benchmark_model (not on any registry: see android_bench/README.md).
-# make bench-arm MODEL="a.tflite b.tflite" [SERIAL=...] [BENCHMARK_MODEL=...] [THREADS=1,4] [RUNS=50] [OUT=...]
+# make bench-arm MODEL="a.tflite b.tflite" [SERIAL=a[,b,...] | ALL_DEVICES=1] [BENCHMARK_MODEL=...] [THREADS=1,4] [RUNS=50] [OUT=...]
+# Several devices run in parallel (one table, exit non-zero if any device failed).
 bench-arm: install
 	@test -n "$(MODEL)" || { echo "usage: make bench-arm MODEL=path/to/model.tflite [SERIAL=...] [BENCHMARK_MODEL=path/to/android_aarch64_benchmark_model]" >&2; exit 2; }
-	$(BIN)/pfld-export bench-arm $(MODEL) $(if $(SERIAL),--serial $(SERIAL)) $(if $(BENCHMARK_MODEL),--benchmark-model $(BENCHMARK_MODEL)) \
+	$(BIN)/pfld-export bench-arm $(MODEL) $(if $(SERIAL),--serial $(SERIAL)) $(if $(ALL_DEVICES),--all-devices) $(if $(BENCHMARK_MODEL),--benchmark-model $(BENCHMARK_MODEL)) \
 		$(if $(THREADS),--threads $(THREADS)) $(if $(RUNS),--runs $(RUNS)) --out $(or $(OUT),benchmarks/results/arm)
 # [arm-rig]
 # Emulated-ARM rig (root, Debian): real adb + adbd, arm64 userland under qemu-user, own netns.

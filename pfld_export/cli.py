@@ -148,8 +148,8 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--points", type=int, default=None, help="Landmark count; must match the data layout  [default: the data's]")
 @click.option("--conv2", type=click.Choice(["full", "depthwise"]), default=None, help="conv2 kind  [default: full, or --init's]")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
-@click.option("--batch", type=int, default=None, help="Batch size  [default: 256 on real data, 32 on synthetic]")
-@click.option("--lr", type=float, default=None, help="Adam learning rate  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
+@click.option("--batch", type=int, default=None, help="GLOBAL batch size: under torchrun it is split over the processes (batch / N each), so a step averages the same number of faces on any N  [default: 256 on real data, 32 on synthetic]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate, never scaled for you: with a bigger --batch raise it yourself  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
 @click.option("--weight-decay", type=float, default=None, help="Adam weight decay  [default: 1e-6]")
 @click.option("--loss", type=click.Choice(["pfld", "l2", "wing"]), default=None, help="pfld (pose+attribute weighted L2), l2 or wing  [default: pfld]")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning-rate schedule after a short warm-up  [default: cosine]")
@@ -178,7 +178,13 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
           workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
           qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False,
           qat_trainable: str = "all", int8_noise: float | None = None) -> None:
-    """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json."""
+    """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json.
+
+    \b
+    Several GPUs or machines: run it unchanged under torchrun (DDP; NCCL on GPUs, gloo on CPU):
+      torchrun --standalone --nproc_per_node 4 -m pfld_export.cli train --batch 256 ...
+    --batch is global; process 0 alone writes files; --resume needs the same process count.
+    """
     from pathlib import Path
 
     from tqdm import tqdm
@@ -195,6 +201,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
 
         raise UsageError("--val-images goes with --qat; for training use --val-data")
 
+    from .distributed import context_from_env
     from .report import format_train, format_train_epoch, to_json
     from .train import TrainConfig, TrainEvent, train as run_train
 
@@ -241,7 +248,8 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     finally:
         if "bar" in bars:
             bars.pop("bar").close()
-    click.echo(to_json(result) if as_json else format_train(result))
+    if result.processes == 1 or context_from_env().is_main:  # under torchrun one report, from process 0
+        click.echo(to_json(result) if as_json else format_train(result))
 
 # [convert]
 def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool,
@@ -471,7 +479,9 @@ def _bench_arm_threads(text: str) -> tuple[int, ...]:
 
 @main.command("bench-arm")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--serial", envvar="ANDROID_SERIAL", help="adb serial (default: the only device attached; env ANDROID_SERIAL).")
+@click.option("--serial", envvar="ANDROID_SERIAL",
+              help="adb serial, or several as a,b,c to measure those devices in parallel (default: the only device attached; env ANDROID_SERIAL).")
+@click.option("--all-devices", is_flag=True, help="Measure on every attached adb device in parallel (each device's runs in turn).")
 @click.option("--benchmark-model", "benchmark_model", envvar="BENCHMARK_MODEL", type=click.Path(dir_okay=False),
               help="TFLite benchmark_model binary for the device's ABI (env BENCHMARK_MODEL); see android_bench/README.md.")
 @click.option("--threads", default="1,4", show_default=True, help="Comma-separated thread counts, each a separate run.")
@@ -481,45 +491,48 @@ def _bench_arm_threads(text: str) -> tuple[int, ...]:
 @click.option("--no-xnnpack", is_flag=True, help="Run without the XNNPACK delegate.")
 @click.option("--no-taskset", is_flag=True, help="Do not pin benchmark_model to the big cores.")
 @click.option("--out", "out_dir", default="out/bench-arm", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for one JSON result per model.")
+              help="Folder for one JSON result per model (and device).")
 @click.option("--adb", envvar="ADB", help="adb executable (default: adb on PATH; env ADB).")
 @click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds allowed per benchmark_model run.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly
-def bench_arm_command(models: tuple[str, ...], serial: str | None, benchmark_model: str | None, threads: str, runs: int,
-                      warmup: int, op_profiling: bool, no_xnnpack: bool, no_taskset: bool, out_dir: str, adb: str | None,
-                      timeout: float, as_json: bool) -> None:
-    """Latency of .tflite MODELs on an ARM phone over adb with TFLite's benchmark_model (big cores)."""
+def bench_arm_command(models: tuple[str, ...], serial: str | None, all_devices: bool, benchmark_model: str | None, threads: str,
+                      runs: int, warmup: int, op_profiling: bool, no_xnnpack: bool, no_taskset: bool, out_dir: str,
+                      adb: str | None, timeout: float, as_json: bool) -> None:
+    """Latency of .tflite MODELs on ARM phones over adb with TFLite's benchmark_model (big cores).
+
+    With several devices (--serial a,b,c or --all-devices) they run in parallel and one table
+    shows device x model x threads; a device that fails is reported in its row, the others
+    finish, and the exit status is 8 if any device failed.
+    """
     from pathlib import Path
 
-    from .bench.adb import BENCHMARK_MODEL_HINT, BenchArmConfig, DeviceBenchConfig, bench_arm
+    from .bench.adb import BENCHMARK_MODEL_HINT, BenchArmConfig, BenchFarmConfig, DeviceBenchConfig, bench_arm, bench_arm_devices
     from .errors import DeviceError, UsageError
-    from .report import table, to_json
+    from click.core import ParameterSource
+
+    from .report import format_bench_arm, format_bench_arm_devices, to_json
 
     if not benchmark_model:
         raise UsageError(f"no benchmark_model binary given: {BENCHMARK_MODEL_HINT}")
-    cfg = BenchArmConfig(
-        models=tuple(Path(m) for m in models), serial=serial, adb=adb, out_dir=Path(out_dir),
-        bench=DeviceBenchConfig(benchmark_model=Path(benchmark_model), threads=_bench_arm_threads(threads),
-                                warmup_runs=warmup, num_runs=runs, use_xnnpack=not no_xnnpack,
-                                op_profiling=op_profiling, taskset=not no_taskset, timeout_s=timeout),
-    )
-    result = bench_arm(cfg, progress=lambda msg: click.echo(msg, err=True))
-    if as_json:
-        click.echo(to_json(result))
-    else:
-        d = result.device
-        click.echo(f"device {d.serial}: {d.model} ({d.abi}), profile {d.profile}, big cores "
-                   f"{','.join(map(str, d.big_cores)) or '?'} (taskset mask {d.mask or '-'})")
-        if any(r.emulated for r in result.results):
-            click.echo("EMULATED device: these milliseconds are qemu's, not a phone's (emulated: true in the JSON)")
-        rows = [[Path(r.model).name, t.threads, t.inference_avg_ms, t.std_ms, t.percentiles_ms.get("median"), t.init_ms,
-                 t.peak_memory_mb, "{}/{}".format(*t.parsed.xnnpack_nodes) if t.parsed.xnnpack_nodes else None,
-                 "ok" if t.ok else f"FAILED: {t.parsed.failure_reason}"]
-                for r in result.results for t in r.runs]
-        click.echo(table(["model", "threads", "avg ms", "std ms", "median ms", "init ms", "peak MB", "xnnpack", "status"], rows))
-        for f in result.files:
-            click.echo(f"wrote {f}")
+    serials = tuple(s.strip() for s in (serial or "").split(",") if s.strip())
+    bench = DeviceBenchConfig(benchmark_model=Path(benchmark_model), threads=_bench_arm_threads(threads),
+                              warmup_runs=warmup, num_runs=runs, use_xnnpack=not no_xnnpack,
+                              op_profiling=op_profiling, taskset=not no_taskset, timeout_s=timeout)
+    common = {"models": tuple(Path(m) for m in models), "adb": adb, "out_dir": Path(out_dir), "bench": bench}
+    if all_devices and serials and click.get_current_context().get_parameter_source("serial") == ParameterSource.COMMANDLINE:
+        raise UsageError("pass either --serial a,b,c or --all-devices, not both")  # ANDROID_SERIAL alone is overridden
+    if all_devices or len(serials) > 1:
+        farm = bench_arm_devices(BenchFarmConfig(serials=() if all_devices else serials, all_devices=all_devices, **common),
+                                 progress=lambda msg: click.echo(msg, err=True))
+        click.echo(to_json(farm) if as_json else format_bench_arm_devices(farm))
+        if farm.failed:
+            raise DeviceError(f"{len(farm.failed)} of {len(farm.devices)} devices failed: "
+                              + "; ".join(f"{o.serial}: {o.error or 'a benchmark_model run failed (see its row)'}" for o in farm.failed))
+        return
+    result = bench_arm(BenchArmConfig(serial=serials[0] if serials else None, **common),
+                       progress=lambda msg: click.echo(msg, err=True))
+    click.echo(to_json(result) if as_json else format_bench_arm(result))
     failed = [(Path(r.model).name, t) for r in result.results for t in r.runs if not t.ok]
     if failed:
         name, t = failed[0]

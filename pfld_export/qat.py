@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import DistContext, all_sum, context_from_env, process_device, process_group, wrap
 from .errors import UsageError
 from .export.equalize import tflite_weight_rounding
 from .export.validate import ShiftStats, shift_stats
@@ -376,15 +377,31 @@ def _batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarra
 
 def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
     """Fine-tune `cfg.init` so its int8 conversion matches its float landmarks; writes
-    OUT/qat.pth (our checkpoint format) and returns the held-out figures."""
+    OUT/qat.pth (our checkpoint format) and returns the held-out figures.
+
+    Under torchrun every process calls this: each takes its share of every batch (`cfg.batch`
+    is global; BatchNorm is frozen here, so N processes compute exactly the one-process step),
+    DDP averages the gradients, and only process 0 reports progress and writes qat.pth.
+    """
+    from .train import resolve_device
+
+    ctx = context_from_env()
+    dev = process_device(resolve_device(cfg.device), ctx)  # before minutes of face detection: --device cuda without CUDA is refused here
+    if ctx.active and (min(cfg.batch, cfg.calib_count) % ctx.world_size or min(cfg.batch, cfg.calib_count) < ctx.world_size):
+        raise UsageError(f"--batch {cfg.batch} is the global batch and must split evenly over {ctx.world_size} processes; "
+                         f"use a multiple of {ctx.world_size}")
+    with process_group(ctx, dev):
+        return _qat(cfg, progress if ctx.is_main else None, ctx, dev)
+
+
+def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch.device) -> QATResult:
     from .checkpoint import load_checkpoint, save_checkpoint
     from .export.calibrate import calibration_and_validation
     from .export.pipeline import _writable_dir
-    from .train import auto_threads, resolve_device
+    from .train import auto_threads
 
     t0 = time.perf_counter()
-    dev = resolve_device(cfg.device)  # before minutes of face detection: --device cuda without CUDA is refused here
-    out = _writable_dir(Path(cfg.out))
+    out = _writable_dir(Path(cfg.out)) if ctx.is_main else Path(cfg.out)  # process 0 alone writes there
     init = Path(cfg.init)
     if not init.is_file():
         raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
@@ -425,20 +442,24 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         history: list[dict[str, float]] = []
         batches = _batches(len(calib), cfg.batch, rng)
         running = 0.0
+        stepped = wrap(student, ctx, dev)  # DDP over the processes' shares of each batch (itself in one process)
         for step in range(1, cfg.steps + 1):
+            # Every process draws the whole batch (same rng, same augmentation) and keeps its share.
             idx = next(batches)
             crops = _augment(calib.crops[idx], rng) if cfg.augment else calib.crops[idx]
+            crops = crops[ctx.rank :: ctx.world_size]
             x = torch.from_numpy(pre.apply_nchw(crops)).to(dev)
             with torch.no_grad():
                 target = teacher(x)
-            pred = student(x)
-            d2 = ((pred - target).view(len(idx), -1, 2) * size).pow(2).sum(-1)
+            pred = stepped(x)
+            d2 = ((pred - target).view(len(crops), -1, 2) * size).pow(2).sum(-1)
             loss = torch.sqrt(d2 + 1e-4).mean()  # mean landmark distance (px): the figure the budget reads
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
+            lv = all_sum([loss.item()], ctx, dev)[0] / ctx.world_size
+            running = lv if step == 1 else 0.9 * running + 0.1 * lv
             if not cfg.learn_ranges and (step % cfg.range_every == 0 or step == cfg.steps):
                 student.observe_ranges(x_cal, cfg.range_method)  # learned ranges are not re-observed: they are trained
             if progress:
@@ -463,7 +484,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         "ranges": {k: [round(float(lo), 6), round(float(hi), 6)] for k, (lo, hi) in student.effective_ranges().items()},
     }
     meta.training = dict(meta.training, qat=True)
-    path = save_checkpoint(out / "qat.pth", loaded.model, meta, loaded.aux)
+    path = save_checkpoint(out / "qat.pth", loaded.model, meta, loaded.aux) if ctx.is_main else out / "qat.pth"
     return QATResult(checkpoint=path, teacher=str(init), steps=cfg.steps, calibration=calib.description,
                      validation=val.description, simulated_int8_before=before, simulated_int8_after=after,
                      float_drift=drift, seconds=round(time.perf_counter() - t0, 1), history=history)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -163,7 +164,9 @@ def format_train(result: Any) -> str:
     out.append(f"best        {result.best_checkpoint}")
     out.append(f"last        {result.last_checkpoint}")
     out.append(f"history     {result.history_file}")
-    out.append(f"wall time   {result.wall_s:.1f} s on {result.device}")
+    procs = getattr(result, "processes", 1)
+    on = f"{procs} processes (DDP), {result.device} each; --batch {c.get('batch')} is global" if procs > 1 else result.device
+    out.append(f"wall time   {result.wall_s:.1f} s on {on}")
     return "\n".join(out)
 
 def format_qat(result: Any) -> str:
@@ -307,6 +310,49 @@ def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
             out.append("| " + " | ".join(cells) + " |")
     if doc.get("sd845_estimate_reference"):
         out += ["", f"Estimate basis: {doc['sd845_estimate_reference']}."]
+    return "\n".join(out)
+
+
+# [bench-arm]
+def _bench_arm_rows(results: Sequence[Any]) -> list[list[Any]]:
+    return [[Path(r.model).name, t.threads, t.inference_avg_ms, t.std_ms, t.percentiles_ms.get("median"), t.init_ms,
+             t.peak_memory_mb, "{}/{}".format(*t.parsed.xnnpack_nodes) if t.parsed.xnnpack_nodes else None,
+             "ok" if t.ok else f"FAILED: {t.parsed.failure_reason}"]
+            for r in results for t in r.runs]
+
+
+_BENCH_ARM_HEADERS = ["model", "threads", "avg ms", "std ms", "median ms", "init ms", "peak MB", "xnnpack", "status"]
+
+
+def format_bench_arm(result: Any) -> str:
+    """`pfld-export bench-arm` on one device: the device line, one row per model and thread count."""
+    d = result.device
+    out = [f"device {d.serial}: {d.model} ({d.abi}), profile {d.profile}, big cores "
+           f"{','.join(map(str, d.big_cores)) or '?'} (taskset mask {d.mask or '-'})"]
+    if any(r.emulated for r in result.results):
+        out.append("EMULATED device: these milliseconds are qemu's, not a phone's (emulated: true in the JSON)")
+    out.append(table(_BENCH_ARM_HEADERS, _bench_arm_rows(result.results)))
+    out.extend(f"wrote {f}" for f in result.files)
+    return "\n".join(out)
+
+
+def format_bench_arm_devices(result: Any) -> str:
+    """`pfld-export bench-arm` on several devices: one table, device (SoC, ABI, big cores) x model x
+    threads; a device that failed or disconnected has a row saying so (after any rows it finished)."""
+    rows: list[list[Any]] = []
+    for o in result.devices:
+        d = o.device
+        soc = (d.board or d.profile) if d is not None else "?"
+        who = [o.serial, soc + (" (emulated)" if d is not None and d.emulated else ""), d.abi if d else "?",
+               ",".join(map(str, d.big_cores)) if d and d.big_cores else "?"]
+        rows.extend([*who, *row] for row in _bench_arm_rows(o.results))
+        if o.error is not None:
+            model = Path(o.failed_model).name if o.failed_model else "-"
+            rows.append([*who, model, None, None, None, None, None, None, None, f"DEVICE FAILED: {o.error}"])
+    out = [table(["device", "SoC", "ABI", "big cores", *_BENCH_ARM_HEADERS], rows)]
+    if any(r.emulated for o in result.devices for r in o.results):
+        out.append("EMULATED device(s) in this table: their milliseconds are qemu's, not a phone's (emulated: true in the JSON)")
+    out.extend(f"wrote {f}" for o in result.devices for f in o.files)
     return "\n".join(out)
 
 

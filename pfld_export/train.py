@@ -23,6 +23,9 @@ Resuming with a larger `--epochs` re-plans the cosine schedule over the new tota
 
 A fresh FC head (training from scratch, or `--init` with another point count) starts at the mean
 training shape (`init_head`), so `initial_val_nme` is the mean-shape baseline, not a random net's.
+
+Under torchrun the same function runs in every process: DDP over each process's share of every
+global batch, process 0 writing and validating (`distributed.py` has the decisions and why).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
+from .distributed import (DistContext, ShardedBatches, all_sum, check_global_batch, context_from_env, from_main,
+                          process_device, process_group, rank_seed, wrap)
 from .errors import CheckpointError, DataError, UsageError
 from .io import atomic_write_json
 from .layouts import PointLayout, get_layout
@@ -161,9 +166,12 @@ class TrainResult:
     train_faces: int = 0
     val_faces: int = 0
     device: str = "cpu"
+    processes: int = 1  # torchrun processes that trained together (the batch is global)
 
 
 Progress = Callable[[TrainEvent], None]
+# One optimisation step: (model, aux, batch, loss name, optimizer, device, class_freq) -> LossOutput.
+StepFn = Callable[..., LossOutput]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,25 +287,38 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str, warmup: int) -> 
     return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t))))
 
 
+def batch_loss(
+    model: nn.Module,
+    aux: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    loss_name: str,
+    device: torch.device = torch.device("cpu"),
+    class_freq: torch.Tensor | None = None,
+) -> LossOutput:
+    """The loss of `model` (and `aux`, for losses that use pose) on a batch from `FaceDataset`."""
+    fn, uses_pose = get_loss(loss_name)
+    x = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device)
+    tap, out = model(x)
+    angles = aux(tap) if uses_pose else None
+    return fn(
+        out.reshape(out.shape[0], -1, 2), target, angles, batch["pose"].to(device), batch["attributes"].to(device),
+        pose_valid=batch["pose_valid"].to(device), class_freq=class_freq,
+    )
+
+
 def train_step(
-    model: PFLD,
-    aux: AuxiliaryNet,
+    model: nn.Module,
+    aux: nn.Module,
     batch: Mapping[str, torch.Tensor],
     loss_name: str,
     optimizer: torch.optim.Optimizer,
     device: torch.device = torch.device("cpu"),
     class_freq: torch.Tensor | None = None,
 ) -> LossOutput:
-    """One optimisation step on a batch from `FaceDataset` (the networks must be in train mode)."""
-    fn, uses_pose = get_loss(loss_name)
-    x = batch["image"].to(device, non_blocking=True)
-    target = batch["target"].to(device)
-    tap, out = model(x)
-    angles = aux(tap) if uses_pose else None
-    lo = fn(
-        out.reshape(out.shape[0], -1, 2), target, angles, batch["pose"].to(device), batch["attributes"].to(device),
-        pose_valid=batch["pose_valid"].to(device), class_freq=class_freq,
-    )
+    """One optimisation step on a batch from `FaceDataset` (the networks must be in train mode;
+    under DDP they are the wrapped networks, and backward averages the processes' gradients)."""
+    lo = batch_loss(model, aux, batch, loss_name, device, class_freq)
     optimizer.zero_grad(set_to_none=True)
     lo.total.backward()
     optimizer.step()
@@ -363,6 +384,7 @@ class _State:
     initial_val_nme: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     data_info: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1  # processes training together (a resume needs the same count)
 
 
 def _meta(st: _State, metrics: dict[str, Any]) -> CheckpointMeta:
@@ -386,6 +408,7 @@ def _extra(st: _State, interrupted: bool) -> dict[str, Any]:
         "best_epoch": st.best_epoch,
         "initial_val_nme": st.initial_val_nme,
         "interrupted": interrupted,
+        "world_size": st.world_size,
     }
 
 
@@ -484,12 +507,17 @@ def _build(run: dict[str, Any], layout: PointLayout, init: LoadedModel | None) -
 # The run
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: Progress | None = None, step: StepFn | None = None) -> TrainResult:
     """Train (or resume, or fine-tune) a PFLD network; see the module docstring.
 
     Writes `<out>/best.pth` (lowest validation NME; lowest training loss without validation),
     `<out>/last.pth` (resumable) and `<out>/history.json`. Raises typed `PfldError`s for bad
     input; re-raises KeyboardInterrupt after saving a resumable `last.pth`.
+
+    Under torchrun (WORLD_SIZE etc. in the environment) every process calls this; they train one
+    network with DDP over shards of each global batch (`distributed.py`), and only process 0
+    writes files or calls `progress`. `step` replaces `train_step` (same signature; it is given
+    the DDP-wrapped networks when several processes train).
     """
     prev_threads = torch.get_num_threads()
     threads = cfg.threads or auto_threads()
@@ -497,7 +525,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
         # Thread count is process state in torch: set it for the run, give it back afterwards.
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, progress)
+        ctx = context_from_env()
+        device = process_device(resolve_device(cfg.device), ctx)
+        with process_group(ctx, device):
+            return _train(cfg, progress if ctx.is_main else None, step or train_step, ctx, device)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -521,7 +552,132 @@ def auto_threads() -> int | None:
     return 1 if load >= cores / 2 else None
 
 
-def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
+def _load_resume(cfg: TrainConfig, ctx: DistContext) -> LoadedModel | None:
+    """The --resume checkpoint, refused unless it holds training state from the same process count."""
+    if cfg.resume is None:
+        return None
+    resumed = load_checkpoint(cfg.resume)
+    if "optimizer" not in resumed.extra or not resumed.meta.training.get("config"):
+        raise UsageError(
+            f"{cfg.resume} holds no training state (not a `pfld-export train` checkpoint); "
+            f"use --init {cfg.resume} to fine-tune from its weights instead"
+        )
+    saved_world = int(resumed.extra.get("world_size", 1))
+    if saved_world != ctx.world_size:
+        # Each process normalises its own shard of the batch and draws its own noise: another
+        # process count is another run, not a continuation of this one.
+        raise UsageError(
+            f"{cfg.resume} was trained by {saved_world} process(es) and this run has {ctx.world_size}; resume it with "
+            f"the same count (torchrun --nproc_per_node/--nnodes giving {saved_world} in all"
+            f"{', or no torchrun' if saved_world == 1 else ''}), or start a new run from its weights with --init {cfg.resume}"
+        )
+    done = int(resumed.extra.get("epoch", 0))
+    if done >= cfg.epochs:
+        raise UsageError(f"{cfg.resume} has already trained {done} epochs; pass --epochs larger than {done} to continue")
+    return resumed
+
+
+def _networks(run: dict[str, Any], layout: PointLayout, resumed: LoadedModel | None, init_ckpt: LoadedModel | None,
+              train_records: Sequence[Any], resume_path: Path | None) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
+    """(model, aux, preprocess, provenance) for a resumed, fine-tuned or fresh run."""
+    if resumed is not None:
+        aux = resumed.aux if resumed.aux is not None else AuxiliaryNet(resumed.model.tap_channels)
+        if resumed.meta.model.points != layout.num_points:
+            raise UsageError(f"{resume_path} predicts {resumed.meta.model.points} points but the data has {layout.num_points}")
+        provenance = dict(resumed.meta.provenance)
+        provenance.pop("saved_at", None)
+        provenance["resumed_from"] = str(resume_path)
+        model, preprocess = resumed.model, resumed.meta.preprocess
+    else:
+        model, aux, preprocess, init_info = _build(run, layout, init_ckpt)
+        provenance = {"trained_by": "pfld-export train", **init_info}
+        if init_info.get("new_head", True):  # from scratch, or --init with another point count
+            init_head(model, mean_shape(train_records))
+    if run.get("int8_noise"):  # None in runs saved before the option existed: off
+        from .qat import add_int8_noise
+
+        add_int8_noise(model, float(run["int8_noise"]))
+    return model, aux, preprocess, provenance
+
+
+def _restore(st: _State, resumed: LoadedModel, steps_per_epoch: int) -> None:
+    """Put a resumed run's optimizer, schedule position, history and RNG back into `st`."""
+    ex = resumed.extra
+    st.epoch = int(ex.get("epoch", 0))
+    st.optimizer.load_state_dict(ex["optimizer"])
+    sch = ex.get("scheduler", {})
+    st.global_step = int(sch.get("step", st.epoch * steps_per_epoch))
+    st.warmup = int(sch.get("warmup", st.warmup))
+    st.history = [dict(h) for h in ex.get("history", [])]
+    st.best_val_nme = ex.get("best_val_nme")
+    st.best_epoch = int(ex.get("best_epoch", 0))
+    st.initial_val_nme = ex.get("initial_val_nme")
+    rng = ex.get("rng", {})
+    if "torch" in rng and st.world_size == 1:  # several processes re-seed per epoch (distributed.rank_seed)
+        torch.set_rng_state(rng["torch"])
+
+
+@dataclass
+class _Loop:
+    """What one epoch needs besides the run state, built once per run."""
+
+    nets: tuple[nn.Module, nn.Module]  # (model, aux) as stepped: DDP-wrapped with several processes
+    loader: Any
+    sampler: Any  # EpochBatches, or ShardedBatches with several processes
+    step: StepFn
+    device: torch.device
+    class_freq: torch.Tensor | None
+    ctx: DistContext
+    emit: Callable[[TrainEvent], None]
+
+
+def _run_epoch(st: _State, loop: _Loop, epoch: int, epochs: int) -> dict[str, Any]:
+    """Train one epoch; its history record (losses averaged over every process's faces)."""
+    run, ctx = st.run, loop.ctx
+    loop.sampler.set_epoch(epoch)
+    if ctx.active:
+        torch.manual_seed(rank_seed(int(run["seed"]), ctx.rank, epoch))
+    n_batches = len(loop.sampler)
+    for net in loop.nets:
+        net.train()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, l2, angle (each times faces), faces
+    for i, batch in enumerate(loop.loader):
+        lr = lr_at(st.global_step, st.total_steps, run["lr"], run["schedule"], st.warmup)
+        for g in st.optimizer.param_groups:
+            g["lr"] = lr
+        lo = loop.step(loop.nets[0], loop.nets[1], batch, run["loss"], st.optimizer, loop.device, loop.class_freq)
+        # Every process sees the same step loss, so all of them stop together if it diverges.
+        v = all_sum([float(lo.total.detach())], ctx, loop.device)[0] / ctx.world_size
+        if not math.isfinite(v):
+            raise UsageError(f"training diverged at epoch {epoch + 1} step {i + 1} (loss {v}); lower --lr (it is {run['lr']:g})")
+        nb = int(batch["image"].shape[0])
+        sums[0] += float(lo.total.detach()) * nb
+        sums[1] += float(lo.landmark_l2) * nb
+        sums[2] += float(lo.angle) * nb if lo.angle is not None else 0.0
+        sums[3] += nb
+        st.global_step += 1
+        loop.emit(TrainEvent("step", epoch=epoch + 1, epochs=epochs, step=i + 1, steps=n_batches, loss=v, lr=lr))
+    loss, l2, angle, n_seen = all_sum(sums, ctx, loop.device)
+    rec: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": loss / max(1, n_seen),
+        "train_l2": l2 / max(1, n_seen),
+        "lr": lr_at(st.global_step - 1, st.total_steps, run["lr"], run["schedule"], st.warmup),
+        "steps": n_batches,
+    }
+    if run["loss"] == "pfld":
+        rec["train_angle"] = angle / max(1, n_seen)
+    return rec
+
+
+def _validate(st: _State, records: Sequence[Any], loop: _Loop, path: Path) -> float:
+    """Validation NME, measured on process 0 and the same figure on every process."""
+    nme = validation_nme(st.model, st.preprocess, records, loop.device, path) if loop.ctx.is_main else None
+    st.model.train()
+    return float(from_main(nme, loop.ctx))
+
+
+def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistContext, device: torch.device) -> TrainResult:
     from torch.utils.data import DataLoader
 
     from .data.augment import AugmentConfig
@@ -533,20 +689,9 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
         if progress is not None:
             progress(ev)
 
-    device = resolve_device(cfg.device)
-    resumed = load_checkpoint(cfg.resume) if cfg.resume is not None else None
-    saved_run: dict[str, Any] | None = None
-    if resumed is not None:
-        if "optimizer" not in resumed.extra or not resumed.meta.training.get("config"):
-            raise UsageError(
-                f"{cfg.resume} holds no training state (not a `pfld-export train` checkpoint); "
-                f"use --init {cfg.resume} to fine-tune from its weights instead"
-            )
-        saved_run = dict(resumed.meta.training["config"])
-    run = _resolve(cfg, saved_run)
-    if resumed is not None and int(resumed.extra.get("epoch", 0)) >= cfg.epochs:
-        done = int(resumed.extra.get("epoch", 0))
-        raise UsageError(f"{cfg.resume} has already trained {done} epochs; pass --epochs larger than {done} to continue")
+    resumed = _load_resume(cfg, ctx)
+    run = _resolve(cfg, dict(resumed.meta.training["config"]) if resumed is not None else None)
+    check_global_batch(int(run["batch"]), ctx)
     init_ckpt = None
     if resumed is None and run["init"]:
         init_ckpt = load_checkpoint(run["init"])
@@ -556,25 +701,7 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
 
     emit(TrainEvent("setup", message=f"loading {run['data']}"))
     train_records, val_records, layout, description = load_data(run, cfg)
-
-    if resumed is not None:
-        model = resumed.model
-        aux = resumed.aux if resumed.aux is not None else AuxiliaryNet(resumed.model.tap_channels)
-        preprocess = resumed.meta.preprocess
-        if resumed.meta.model.points != layout.num_points:
-            raise UsageError(f"{cfg.resume} predicts {resumed.meta.model.points} points but the data has {layout.num_points}")
-        provenance = dict(resumed.meta.provenance)
-        provenance.pop("saved_at", None)
-        provenance["resumed_from"] = str(cfg.resume)
-    else:
-        model, aux, preprocess, init_info = _build(run, layout, init_ckpt)
-        provenance = {"trained_by": "pfld-export train", **init_info}
-        if init_info.get("new_head", True):  # from scratch, or --init with another point count
-            init_head(model, mean_shape(train_records))
-    if run.get("int8_noise"):  # None in runs saved before the option existed: off
-        from .qat import add_int8_noise
-
-        add_int8_noise(model, float(run["int8_noise"]))
+    model, aux, preprocess, provenance = _networks(run, layout, resumed, init_ckpt, train_records, cfg.resume)
     model.to(device).train()
     aux.to(device).train()
 
@@ -587,87 +714,46 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
     class_freq = (class_frequencies(torch.from_numpy(ds.attribute_matrix())).to(device)
                   if run["attribute_weighting"] == "dataset" else None)
 
-    steps_per_epoch = len(epoch_batches(len(ds), int(run["batch"]), seed, 0))
+    def batches(e: int) -> list[list[int]]:
+        return epoch_batches(len(ds), int(run["batch"]), seed, e)
+
+    sampler = ShardedBatches(batches, len(ds), ctx) if ctx.active else EpochBatches(batches)
+    steps_per_epoch = len(sampler)
+    data_info = {"train_faces": len(train_records), "val_faces": len(val_records), "layout": layout.name,
+                 "data_description": description, "processes": ctx.world_size}
     st = _State(model=model, aux=aux, optimizer=optimizer, preprocess=preprocess, run=run, provenance=provenance,
-                data_info={"train_faces": len(train_records), "val_faces": len(val_records), "layout": layout.name,
-                           "data_description": description})
+                data_info=data_info, world_size=ctx.world_size)
     st.total_steps = steps_per_epoch * cfg.epochs
     st.warmup = int(run["warmup_steps"]) if run["warmup_steps"] is not None else min(100, st.total_steps // 20)
     if resumed is not None:
-        ex = resumed.extra
-        st.epoch = int(ex.get("epoch", 0))
-        optimizer.load_state_dict(ex["optimizer"])
-        sch = ex.get("scheduler", {})
-        st.global_step = int(sch.get("step", st.epoch * steps_per_epoch))
-        st.warmup = int(sch.get("warmup", st.warmup))
-        st.history = [dict(h) for h in ex.get("history", [])]
-        st.best_val_nme = ex.get("best_val_nme")
-        st.best_epoch = int(ex.get("best_epoch", 0))
-        st.initial_val_nme = ex.get("initial_val_nme")
-        rng = ex.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
+        _restore(st, resumed, steps_per_epoch)
 
-    out = cfg.out
-    best_path, last_path, hist_path = out / "best.pth", out / "last.pth", out / "history.json"
-    if val_records and cfg.eval_initial and resumed is None:
-        emit(TrainEvent("setup", message=f"validating the initial network on {len(val_records)} faces"))
-        st.initial_val_nme = validation_nme(model, preprocess, val_records, device, last_path)
-        model.train()
-
-    best_loss = math.inf
-    if st.best_val_nme is None and st.history:
-        best_loss = min(h["train_loss"] for h in st.history)
-    sampler = EpochBatches(lambda e: epoch_batches(len(ds), int(run["batch"]), seed, e), st.epoch)
     # One loader for the run. A worker is a spawned process that lives for the whole run (forked
     # workers hang in OpenCV once the parent has used its thread pool); it gets the dataset once,
     # and the sampler's (epoch, index) keys tell it which augmentation to draw.
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, worker_init_fn=worker_init,
                         pin_memory=device.type == "cuda",
                         **({"multiprocessing_context": "spawn", "persistent_workers": True} if cfg.workers else {}))
+    loop = _Loop(nets=(wrap(model, ctx, device), wrap(aux, ctx, device)), loader=loader, sampler=sampler, step=step,
+                 device=device, class_freq=class_freq, ctx=ctx, emit=emit)
+    out = cfg.out
+    best_path, last_path, hist_path = out / "best.pth", out / "last.pth", out / "history.json"
+    if val_records and cfg.eval_initial and resumed is None:
+        emit(TrainEvent("setup", message=f"validating the initial network on {len(val_records)} faces"))
+        st.initial_val_nme = _validate(st, val_records, loop, last_path)
+
+    best_loss = min(h["train_loss"] for h in st.history) if st.best_val_nme is None and st.history else math.inf
     try:
         for epoch in range(st.epoch, cfg.epochs):
             te = time.perf_counter()
-            ds.set_epoch(epoch)
-            sampler.epoch = epoch
-            n_batches = len(sampler)
-            model.train()
-            aux.train()
-            sums = {"loss": 0.0, "l2": 0.0, "angle": 0.0}
-            n_seen = 0
-            for i, batch in enumerate(loader):
-                lr = lr_at(st.global_step, st.total_steps, run["lr"], run["schedule"], st.warmup)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                lo = train_step(model, aux, batch, run["loss"], optimizer, device, class_freq)
-                v = float(lo.total.detach())
-                if not math.isfinite(v):
-                    raise UsageError(
-                        f"training diverged at epoch {epoch + 1} step {i + 1} (loss {v}); lower --lr (it is {run['lr']:g})"
-                    )
-                nb = int(batch["image"].shape[0])
-                n_seen += nb
-                sums["loss"] += v * nb
-                sums["l2"] += float(lo.landmark_l2) * nb
-                sums["angle"] += float(lo.angle) * nb if lo.angle is not None else 0.0
-                st.global_step += 1
-                emit(TrainEvent("step", epoch=epoch + 1, epochs=cfg.epochs, step=i + 1, steps=n_batches, loss=v, lr=lr))
+            rec = _run_epoch(st, loop, epoch, cfg.epochs)
             st.epoch = epoch + 1
-            rec: dict[str, Any] = {
-                "epoch": st.epoch,
-                "train_loss": sums["loss"] / max(1, n_seen),
-                "train_l2": sums["l2"] / max(1, n_seen),
-                "lr": lr_at(st.global_step - 1, st.total_steps, run["lr"], run["schedule"], st.warmup),
-                "steps": n_batches,
-            }
-            if run["loss"] == "pfld":
-                rec["train_angle"] = sums["angle"] / max(1, n_seen)
             if val_records:
-                rec["val_nme"] = validation_nme(model, preprocess, val_records, device, last_path)
-                model.train()
+                rec["val_nme"] = _validate(st, val_records, loop, last_path)
             rec["seconds"] = round(time.perf_counter() - te, 2)
             st.history.append(rec)
-            # Best = lowest validation NME; without a validation set, lowest training loss.
+            # Best = lowest validation NME; without a validation set, lowest training loss. Both
+            # figures are the same on every process (reduced / broadcast), so is the decision.
             if val_records:
                 improved = st.best_val_nme is None or rec["val_nme"] < st.best_val_nme
                 if improved:
@@ -678,29 +764,31 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
                     best_loss = rec["train_loss"]
             if improved:
                 st.best_epoch = st.epoch
-            metrics = {k: rec[k] for k in ("train_loss", "val_nme") if k in rec} | {"epoch": st.epoch}
-            _save(st, last_path, metrics)
-            if improved:
-                _save(st, best_path, metrics)
-            _write_history(st, hist_path, time.perf_counter() - t0)
+            if ctx.is_main:
+                metrics = {k: rec[k] for k in ("train_loss", "val_nme") if k in rec} | {"epoch": st.epoch}
+                _save(st, last_path, metrics)
+                if improved:
+                    _save(st, best_path, metrics)
+                _write_history(st, hist_path, time.perf_counter() - t0)
             emit(TrainEvent("epoch", epoch=st.epoch, epochs=cfg.epochs, loss=rec["train_loss"], lr=rec["lr"], record=dict(rec)))
     except KeyboardInterrupt:
         # Resumable: weights and optimizer as they are now; `epoch` counts only completed epochs,
         # so --resume redoes the interrupted one.
-        _save(st, last_path, {"epoch": st.epoch, "interrupted": True}, interrupted=True)
-        _write_history(st, hist_path, time.perf_counter() - t0)
+        if ctx.is_main:
+            _save(st, last_path, {"epoch": st.epoch, "interrupted": True}, interrupted=True)
+            _write_history(st, hist_path, time.perf_counter() - t0)
         raise
-    if not best_path.exists():  # e.g. a resumed run whose earlier best lives elsewhere
+    if ctx.is_main and not best_path.exists():  # e.g. a resumed run whose earlier best lives elsewhere
         _save(st, best_path, {"epoch": st.epoch})
     return TrainResult(
         best_checkpoint=best_path, last_checkpoint=last_path, history_file=hist_path, history=st.history,
         best_val_nme=st.best_val_nme, best_epoch=st.best_epoch, initial_val_nme=st.initial_val_nme,
         wall_s=time.perf_counter() - t0, config=_plain(run), train_faces=len(train_records), val_faces=len(val_records),
-        device=str(device),
+        device=str(device), processes=ctx.world_size,
     )
 
 
 __all__ = [
-    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "train", "train_step", "lr_at", "epoch_batches",
+    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "StepFn", "train", "train_step", "batch_loss", "lr_at", "epoch_batches",
     "validation_nme", "resolve_device", "data_kind", "load_data",
 ]

@@ -18,8 +18,10 @@ from click.testing import CliRunner
 
 from pfld_export.bench.adb import (
     BenchArmConfig,
+    BenchFarmConfig,
     DeviceBenchConfig,
     bench_arm,
+    bench_arm_devices,
     cpu_mask,
     elf_abi,
     find_device,
@@ -29,6 +31,7 @@ from pfld_export.bench.adb import (
 )
 from pfld_export.cli import main
 from pfld_export.errors import DeviceError, UsageError
+from pfld_export.report import format_bench_arm_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "android_bench" / "devices"
@@ -72,6 +75,11 @@ if sub == "devices":
     sys.exit(0)
 if serial not in [s for s, st in cfg.get("devices", []) if st == "device"]:
     print(f"adb: device '{serial}' not found", file=sys.stderr); sys.exit(1)
+if serial in cfg.get("dies_after", {}):
+    # The device is gone from its (dies_after + 1)-th benchmark_model run on (the log holds this call).
+    runs = sum(1 for line in open(cfg["log"]) if serial in json.loads(line) and "--graph" in line)
+    if runs > cfg["dies_after"][serial]:
+        print(f"adb: error: device '{serial}' not found", file=sys.stderr); sys.exit(1)
 if sub == "push":
     if cfg.get("vanish") == "push":
         print(f"adb: error: device '{serial}' not found", file=sys.stderr); sys.exit(1)
@@ -81,7 +89,7 @@ if sub == "pull":
 if sub == "shell":
     cmd = args[1]
     if "ro.product.cpu.abi" in cmd:
-        p = cfg["probe"]
+        p = cfg.get("probes", {}).get(serial, cfg["probe"])
         for k, v in p.get("props", {}).items():
             print(f"prop {k}={v}")
         print(f"uname={p.get('uname', 'aarch64')}")
@@ -98,6 +106,12 @@ if sub == "shell":
             print("INFO: STARTING!", flush=True)
             print(f"error: device '{serial}' not found", file=sys.stderr); sys.exit(1)
         threads = re.search(r"--num_threads=(\d+)", cmd).group(1)
+        if cfg.get("bench_sleep"):
+            with open(cfg["log"] + ".events", "a") as f:
+                f.write(f"{serial} start {time.time()}\n")
+            time.sleep(cfg["bench_sleep"])
+            with open(cfg["log"] + ".events", "a") as f:
+                f.write(f"{serial} end {time.time()}\n")
         print(cfg["bench_output"].replace("{threads}", threads).replace("{avg}", str(5000 + int(threads))))
     print(f"__PFLD_RC={cfg.get('rc', 0)}")
     sys.exit(0)
@@ -357,3 +371,96 @@ def test_config_validation() -> None:
         DeviceBenchConfig(benchmark_model=Path("x"), threads=(0,))
     with pytest.raises(UsageError, match="--runs >= 1"):
         DeviceBenchConfig(benchmark_model=Path("x"), num_runs=0)
+
+
+# ---------------------------------------------------------------------------- many devices
+TWO = [["ABC123", "device"], ["XYZ789", "device"]]
+# XYZ789: a 4-core board with equal cores (all of them "big"), no getprop board name.
+OTHER_PROBE = {"props": {"ro.product.cpu.abi": "arm64-v8a", "ro.product.model": "Dev board"}, "khz": [2000000] * 4}
+
+
+def _intervals(fake: FakeAdb) -> dict[str, list[tuple[float, float]]]:
+    """(start, end) of every fake benchmark_model run, by serial."""
+    open_: dict[str, float] = {}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for line in Path(str(fake.log) + ".events").read_text().splitlines():
+        serial, what, t = line.split()
+        if what == "start":
+            open_[serial] = float(t)
+        else:
+            out.setdefault(serial, []).append((open_.pop(serial), float(t)))
+    return out
+
+
+def test_two_devices_in_parallel_one_dying_mid_run(fake: FakeAdb, files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two devices at once: XYZ789 disappears at its 2nd benchmark_model run (model 1, 4 threads);
+    ABC123 finishes both models; each device's runs never overlap, the devices' runs do."""
+    fake.set(devices=TWO, probes={"XYZ789": OTHER_PROBE}, dies_after={"XYZ789": 1}, bench_sleep=0.5)
+    model, bm = files
+    model2 = tmp_path / "m2.tflite"
+    model2.write_bytes(model.read_bytes())
+    out = tmp_path / "out"
+    res = bench_arm_devices(BenchFarmConfig(models=(model, model2), serials=("ABC123", "XYZ789"), out_dir=out,
+                                            profiles_dir=PROFILES, bench=DeviceBenchConfig(benchmark_model=bm, threads=(1, 4))))
+    a, x = res.devices
+    assert [a.serial, x.serial] == ["ABC123", "XYZ789"] and not res.ok and res.failed == [x]
+    assert a.ok and a.error is None and [len(r.runs) for r in a.results] == [2, 2]
+    assert [f.name for f in a.files] == ["m.sd845-ABC123.json", "m2.sd845-ABC123.json"]
+    assert x.error is not None and "XYZ789 disappeared during benchmark_model (4 threads)" in x.error
+    assert x.failed_model == str(model) and x.results == [] and x.files == []
+    assert x.device is not None and x.device.big_cores == (0, 1, 2, 3) and x.device.profile == "generic"
+    assert sorted(p.name for p in out.iterdir()) == ["m.sd845-ABC123.json", "m2.sd845-ABC123.json"]  # none for XYZ789
+    assert any(c[:2] == ["-s", "XYZ789"] and "rm -rf" in c[-1] for c in fake.calls())  # its cleanup was tried
+    runs = _intervals(fake)
+    assert len(runs["ABC123"]) == 4 and len(runs["XYZ789"]) == 1
+    for serial, iv in runs.items():  # sequential on each device
+        iv.sort()
+        assert all(prev[1] <= nxt[0] for prev, nxt in zip(iv, iv[1:])), f"{serial} ran two benchmarks at once: {iv}"
+    # ... and in parallel across devices: XYZ789's run overlaps one of ABC123's.
+    (xs, xe), = runs["XYZ789"]
+    assert any(s < xe and xs < e for s, e in runs["ABC123"]), runs
+
+    text = format_bench_arm_devices(res)
+    rows = [ln for ln in text.splitlines() if "ABC123" in ln or "XYZ789" in ln]
+    abc = [ln for ln in rows if ln.startswith("ABC123")]
+    assert len(abc) == 4 and all("sdm845" in ln and "4,5,6,7" in ln and "arm64-v8a" in ln for ln in abc)
+    xyz = [ln for ln in rows if ln.startswith("XYZ789")]
+    assert len(xyz) == 1 and "DEVICE FAILED" in xyz[0] and "0,1,2,3" in xyz[0] and "m.tflite" in xyz[0]
+
+
+def test_all_devices_reports_an_unusable_device_in_its_row(fake: FakeAdb, files: tuple[Path, Path], tmp_path: Path) -> None:
+    fake.set(devices=[["ABC123", "device"], ["BAD1", "unauthorized"]])
+    model, bm = files
+    res = bench_arm_devices(BenchFarmConfig(models=(model,), all_devices=True, out_dir=tmp_path / "o",
+                                            bench=DeviceBenchConfig(benchmark_model=bm, threads=(1,))))
+    ok, bad = res.devices
+    assert ok.ok and len(ok.files) == 1
+    assert bad.serial == "BAD1" and bad.device is None and "unauthorized" in (bad.error or "") and "Allow USB debugging" in bad.error
+    assert not any("BAD1" in c for c in fake.calls() if c[:1] == ["-s"])  # never talked to
+
+
+def test_cli_bench_arm_two_devices_table_and_exit_code(fake: FakeAdb, files: tuple[Path, Path], tmp_path: Path) -> None:
+    fake.set(devices=TWO, probes={"XYZ789": OTHER_PROBE}, dies_after={"XYZ789": 0})
+    model, bm = files
+    runner = CliRunner()
+    r = runner.invoke(main, ["bench-arm", str(model), "--benchmark-model", str(bm), "--threads", "1",
+                             "--serial", "ABC123,XYZ789", "--out", str(tmp_path / "o")])
+    assert r.exit_code == DeviceError.exit_code, r.output
+    assert "device" in r.stdout and "big cores" in r.stdout and "DEVICE FAILED" in r.stdout
+    assert "wrote " in r.stdout and (tmp_path / "o" / "m.sd845-ABC123.json").is_file()
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 2 devices failed: XYZ789: device XYZ789 disappeared"), r.stderr
+    assert "Traceback" not in r.output
+
+    fake.set(devices=TWO, probes={"XYZ789": OTHER_PROBE})
+    r = runner.invoke(main, ["bench-arm", str(model), "--benchmark-model", str(bm), "--threads", "1", "--all-devices",
+                             "--json", "--out", str(tmp_path / "j")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [d["serial"] for d in doc["devices"]] == ["ABC123", "XYZ789"] and all(d["error"] is None for d in doc["devices"])
+    assert len(list((tmp_path / "j").glob("*.json"))) == 2
+
+    r = runner.invoke(main, ["bench-arm", str(model), "--benchmark-model", str(bm), "--serial", "ABC123", "--all-devices"])
+    assert r.exit_code == 2 and "not both" in r.output
+    r = runner.invoke(main, ["bench-arm", str(model), "--benchmark-model", str(bm), "--serial", "ABC123,ABC123"])
+    assert r.exit_code == 2 and "lists a device twice" in r.output

@@ -1,6 +1,6 @@
 """Fixtures for the emulated-ARM rig tests (run by `make test-arm` inside the rig's netns only).
 
-The rig script exports PFLD_RIG_SERIAL and PFLD_RIG_BENCHMARK_MODEL; without them (e.g. someone
+The rig script exports PFLD_RIG_SERIAL, PFLD_RIG_SERIAL2 and PFLD_RIG_BENCHMARK_MODEL; without them (e.g. someone
 runs pytest on this folder by hand outside the rig) every test skips with the reason.
 """
 
@@ -20,6 +20,15 @@ def rig_serial() -> str:
     serial = os.environ.get("PFLD_RIG_SERIAL")
     if not serial:
         pytest.skip("not inside the emulated-ARM rig (PFLD_RIG_SERIAL unset): run `make test-arm`")
+    return serial
+
+
+@pytest.fixture(scope="session")
+def rig_serial2() -> str:
+    """The rig's second adbd "device" (same arm64 userland, its own /data/local/tmp)."""
+    serial = os.environ.get("PFLD_RIG_SERIAL2")
+    if not serial:
+        pytest.skip("the rig's second device is not running (PFLD_RIG_SERIAL2 unset): run `make test-arm`")
     return serial
 
 

@@ -5,7 +5,8 @@
 #
 #   rig.sh build   install adb/adbd/qemu (Debian; adbd from bookworm-backports), build or reuse the
 #                  cached arm64 rootfs with python3 + aarch64 ai-edge-litert
-#   rig.sh start   netns + adbd (chrooted into the rootfs) + adb server, device connected
+#   rig.sh start   netns + two adbd "devices" (chrooted into the same rootfs, the second with its
+#                  own /data/local/tmp) + adb server, both connected
 #   rig.sh stop    stop what `start` started (by pid), delete the netns
 #   rig.sh exec CMD...   run CMD inside the rig's netns (e.g. `pfld-export bench-arm ...`)
 #   rig.sh test    build, start, run android_bench/emulated/test_*.py inside the netns, stop
@@ -32,6 +33,9 @@ NETNS="${RIG_NETNS:-pfld-arm-rig}"
 # Outside 5555-5585: the adb server probes those as emulator consoles/ports.
 RIG_PORT="${RIG_PORT:-5612}"
 SERIAL="127.0.0.1:$RIG_PORT"
+# A second "device" for bench-arm across several devices (parallel runs, one dying mid-run).
+RIG_PORT2="${RIG_PORT2:-$((RIG_PORT + 2))}"
+SERIAL2="127.0.0.1:$RIG_PORT2"
 RUN_DIR="${RIG_RUN_DIR:-/run/pfld-arm-rig}"
 # qemu 10 emulates a named core so XNNPACK picks the kernels an SD845-class phone would run
 # (ARMv8.2 + dot product; the A75 itself is not a qemu model, the A76 is the closest).
@@ -204,59 +208,77 @@ cmd_build() {
 # ---------------------------------------------------------------------------------- start/stop
 in_ns() { ip netns exec "$NETNS" "$@"; }
 
-cmd_start() {
-  need_root
-  [[ -f "$ROOTFS/.pfld-rig-complete" && -x "$ROOTFS/opt/pfld-adbd/adbd" ]] || die "rig not built; run: $0 build"
-  register_binfmt
-  if [[ -f "$RUN_DIR/adbd.pid" ]] && kill -0 "$(cat "$RUN_DIR/adbd.pid")" 2>/dev/null; then
-    log "already running (adbd pid $(cat "$RUN_DIR/adbd.pid")); serial $SERIAL in netns $NETNS"
-    return 0
-  fi
-  mkdir -p "$RUN_DIR"
-  ip netns list | grep -qw "$NETNS" || ip netns add "$NETNS"
-  in_ns ip link set lo up
-  # A private mount namespace: the bind mounts vanish with adbd, nothing leaks onto the host.
+# start_adbd NAME PORT [own-data]: one adbd "device" in the netns, chrooted into the rootfs, in a
+# private mount namespace (its bind mounts vanish with it, nothing leaks onto the host). With
+# own-data it gets a tmpfs of its own on /data/local/tmp: two devices share the userland but never
+# see each other's pushed files, as two phones would.
+start_adbd() {
+  local name=$1 port=$2 own_data=${3:-}
   in_ns unshare --mount --propagation private env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-      ADBD_PORT="$RIG_PORT" QEMU_CPU="$QEMU_CPU_MODEL" ROOTFS="$ROOTFS" bash -c '
+      ADBD_PORT="$port" QEMU_CPU="$QEMU_CPU_MODEL" ROOTFS="$ROOTFS" OWN_DATA="$own_data" bash -c '
     set -e
     mount -t proc proc "$ROOTFS/proc"
     mount --rbind /dev "$ROOTFS/dev"
     mount --rbind /sys "$ROOTFS/sys"
     mount -t tmpfs tmpfs "$ROOTFS/tmp"
+    if [ -n "$OWN_DATA" ]; then mount -t tmpfs -o mode=1777 tmpfs "$ROOTFS/data/local/tmp"; fi
     exec chroot "$ROOTFS" /opt/pfld-adbd/ld.so --library-path /opt/pfld-adbd/lib /opt/pfld-adbd/adbd
-  ' >"$RUN_DIR/adbd.log" 2>&1 &
-  echo $! >"$RUN_DIR/adbd.pid"
+  ' >"$RUN_DIR/$name.log" 2>&1 &
+  echo $! >"$RUN_DIR/$name.pid"
   local i
   for i in $(seq 1 50); do
-    grep -q "adbd listening on tcp:$RIG_PORT" "$RUN_DIR/adbd.log" 2>/dev/null && break
-    kill -0 "$(cat "$RUN_DIR/adbd.pid")" 2>/dev/null || { cat "$RUN_DIR/adbd.log" >&2; die "adbd exited at start"; }
+    grep -q "adbd listening on tcp:$port" "$RUN_DIR/$name.log" 2>/dev/null && return 0
+    kill -0 "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || { cat "$RUN_DIR/$name.log" >&2; die "$name exited at start"; }
     sleep 0.2
   done
+}
+
+connect_device() {
+  local serial=$1 log=$2 i
   for i in 1 2 3 4 5; do
-    in_ns timeout 20 adb connect "$SERIAL" | grep -q "connected to" && break
+    in_ns timeout 20 adb connect "$serial" | grep -q "connected to" && break
     sleep 1
   done
-  in_ns timeout 30 adb -s "$SERIAL" wait-for-device || die "adb does not see $SERIAL (log: $RUN_DIR/adbd.log)"
-  log "running: serial $SERIAL in netns $NETNS; e.g. $0 exec pfld-export bench-arm MODEL.tflite --serial $SERIAL --benchmark-model $HERE/benchmark_model"
+  in_ns timeout 30 adb -s "$serial" wait-for-device || die "adb does not see $serial (log: $log)"
+}
+
+cmd_start() {
+  need_root
+  [[ -f "$ROOTFS/.pfld-rig-complete" && -x "$ROOTFS/opt/pfld-adbd/adbd" ]] || die "rig not built; run: $0 build"
+  register_binfmt
+  if [[ -f "$RUN_DIR/adbd.pid" ]] && kill -0 "$(cat "$RUN_DIR/adbd.pid")" 2>/dev/null; then
+    log "already running (adbd pid $(cat "$RUN_DIR/adbd.pid")); serials $SERIAL $SERIAL2 in netns $NETNS"
+    return 0
+  fi
+  mkdir -p "$RUN_DIR"
+  ip netns list | grep -qw "$NETNS" || ip netns add "$NETNS"
+  in_ns ip link set lo up
+  start_adbd adbd "$RIG_PORT"
+  start_adbd adbd2 "$RIG_PORT2" own-data
+  connect_device "$SERIAL" "$RUN_DIR/adbd.log"
+  connect_device "$SERIAL2" "$RUN_DIR/adbd2.log"
+  log "running: serials $SERIAL and $SERIAL2 in netns $NETNS; e.g. $0 exec pfld-export bench-arm MODEL.tflite --serial $SERIAL,$SERIAL2 --benchmark-model $HERE/benchmark_model"
 }
 
 cmd_stop() {
   if ip netns list 2>/dev/null | grep -qw "$NETNS"; then
     in_ns timeout 10 adb kill-server >/dev/null 2>&1 || true
   fi
-  if [[ -f "$RUN_DIR/adbd.pid" ]]; then
-    local pid; pid=$(cat "$RUN_DIR/adbd.pid")
+  local name pid
+  for name in adbd adbd2; do
+    [[ -f "$RUN_DIR/$name.pid" ]] || continue
+    pid=$(cat "$RUN_DIR/$name.pid")
     # The pid is our bash -> exec chroot -> exec ld.so adbd chain: one process, started by us.
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 25); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -9 "$pid" 2>/dev/null || true
-    rm -f "$RUN_DIR/adbd.pid"
-  fi
+    rm -f "$RUN_DIR/$name.pid"
+  done
   ip netns list 2>/dev/null | grep -qw "$NETNS" && ip netns del "$NETNS" || true
   log "stopped"
 }
 
-cmd_exec() { in_ns env PFLD_RIG_SERIAL="$SERIAL" "$@"; }
+cmd_exec() { in_ns env PFLD_RIG_SERIAL="$SERIAL" PFLD_RIG_SERIAL2="$SERIAL2" "$@"; }
 
 cmd_test() {
   local t0=$SECONDS
@@ -265,7 +287,7 @@ cmd_test() {
   cmd_start
   trap 'cmd_stop' EXIT
   local rc=0
-  in_ns env PFLD_RIG_SERIAL="$SERIAL" PFLD_RIG_BENCHMARK_MODEL="$HERE/benchmark_model" \
+  in_ns env PFLD_RIG_SERIAL="$SERIAL" PFLD_RIG_SERIAL2="$SERIAL2" PFLD_RIG_BENCHMARK_MODEL="$HERE/benchmark_model" \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "$HERE" || rc=$?
   log "make test-arm: $((SECONDS - t0)) s wall"
   return $rc

@@ -6,7 +6,9 @@ is an arm64 Debian userland under qemu-user:
 - the aarch64 XNNPACK int8 output is byte-identical to the x86 XNNPACK output for the same input,
   and fp32 agrees within 1e-5;
 - a binary for the wrong ABI, or one that cannot start there, is refused with a DeviceError;
-- a device that disconnects mid-run gives a DeviceError and no result file.
+- a device that disconnects mid-run gives a DeviceError and no result file;
+- two devices measured at once: both run in parallel, and when one disconnects mid-run it is
+  reported in its row while the other finishes and writes its results.
 Timings from the rig are qemu's: every result must say `emulated: true`.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,8 +29,10 @@ import pytest
 
 from pfld_export.bench.adb import (
     BenchArmConfig,
+    BenchFarmConfig,
     DeviceBenchConfig,
     bench_arm,
+    bench_arm_devices,
     find_device,
     run_benchmark_model,
 )
@@ -165,3 +170,68 @@ def test_device_disconnecting_mid_run_leaves_no_result(rig_serial: str, runner: 
     # The device is back; the leftover dir from the cut run is removed by hand here.
     _adb(rig_serial, "shell", "rm -rf /data/local/tmp/pfld-export-*")
     assert os.environ.get("PFLD_RIG_SERIAL") == rig_serial
+
+
+def test_second_device_is_its_own_device(rig_serial: str, rig_serial2: str) -> None:
+    """Same arm64 userland, separate /data/local/tmp: a file pushed to one is not on the other."""
+    assert find_device(rig_serial2).info().abi == "arm64-v8a"
+    _adb(rig_serial2, "shell", "echo x > /data/local/tmp/pfld-export-probe2")
+    try:
+        assert "pfld-export-probe2" in _adb(rig_serial2, "shell", "ls /data/local/tmp").stdout
+        assert "pfld-export-probe2" not in _adb(rig_serial, "shell", "ls /data/local/tmp").stdout
+    finally:
+        _adb(rig_serial2, "shell", "rm -f /data/local/tmp/pfld-export-probe2")
+
+
+def test_two_devices_in_parallel_one_disconnecting(rig_serial: str, rig_serial2: str, runner: Path,
+                                                   tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """bench-arm on both devices: the second is cut once its benchmark_model is running; the first
+    finishes both models (its runs in turn) and writes them; the second's row carries the loss."""
+    out = tmp_path / "results"
+    cfg = BenchFarmConfig(models=(tiny_models["fp32"], tiny_models["int8"]), serials=(rig_serial, rig_serial2), out_dir=out,
+                          bench=DeviceBenchConfig(benchmark_model=runner, threads=(1, 2), warmup_runs=1, num_runs=40))
+    rdir2: list[str] = []
+    running2 = threading.Event()
+    last_run: dict[str, float] = {}  # when each device last started a benchmark_model run
+    cut_at: list[float] = []
+
+    def progress(msg: str) -> None:
+        serial, _, rest = msg.partition(": ")
+        if "thread(s) on cores" in rest:
+            last_run[serial] = time.monotonic()
+        if serial == rig_serial2 and rest.startswith("push ") and not rdir2:
+            rdir2.append(rest.rsplit(":", 1)[1])  # "push ... to SERIAL:/data/local/tmp/pfld-export-XXXX"
+        if serial == rig_serial2 and "thread(s) on cores" in rest:
+            running2.set()
+
+    def cut() -> None:
+        # Once device 2 starts benchmark_model, wait until a process runs in its pushed folder (only
+        # device 2's processes can have that folder as cwd), then drop its transport.
+        if not running2.wait(600):
+            return
+        for _ in range(240):
+            probe = _adb(rig_serial2, "shell", f"ls -l /proc/[0-9]*/cwd 2>/dev/null | grep -c -- '{rdir2[0]}$'; true")
+            if probe.stdout.strip() not in ("", "0"):
+                break
+            time.sleep(0.25)
+        cut_at.append(time.monotonic())
+        subprocess.run(["adb", "disconnect", rig_serial2], capture_output=True, timeout=30)
+
+    t = threading.Thread(target=cut)
+    t.start()
+    try:
+        res = bench_arm_devices(cfg, progress)
+    finally:
+        t.join()
+        subprocess.run(["adb", "connect", rig_serial2], capture_output=True, timeout=30)
+        subprocess.run(["adb", "-s", rig_serial2, "wait-for-device"], capture_output=True, timeout=60)
+    one, two = res.devices
+    assert one.serial == rig_serial and one.ok, one.error
+    assert [len(r.runs) for r in one.results] == [2, 2] and all(r.emulated for r in one.results)
+    assert two.serial == rig_serial2 and not two.ok and re.search(r"lost device|disappeared", two.error or ""), two.error
+    assert two.failed_model == str(tiny_models["fp32"]) and two.files == []
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in one.files) and len(one.files) == 2
+    # Parallel: device 2 was cut while device 1 still had runs to start.
+    assert cut_at and cut_at[0] < last_run[rig_serial], (cut_at, last_run)
+    assert _leftovers(rig_serial) == []
+    _adb(rig_serial2, "shell", "rm -rf /data/local/tmp/pfld-export-*")

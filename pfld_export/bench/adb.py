@@ -3,6 +3,7 @@
     find_device(serial=None) -> AdbDevice
     run_benchmark_model(device, model_path, cfg: DeviceBenchConfig) -> DeviceBenchResult
     bench_arm(cfg: BenchArmConfig) -> BenchArmResult     (the stage: several models, JSON files)
+    bench_arm_devices(cfg: BenchFarmConfig) -> BenchFarmResult   (the same on several devices at once)
 
 Every adb call carries a subprocess timeout; adb failures become `DeviceError`s whose message
 says what to do. Files pushed to the device are removed in a `finally`; a device that vanishes
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import DeviceError, UsageError
+from ..errors import DeviceError, PfldError, UsageError
 from ..io import atomic_write_json, file_sha256
 from ..report import to_jsonable
 from .parse import BenchmarkModelOutput, parse_benchmark_output
@@ -549,6 +550,22 @@ class BenchArmConfig:
     profiles_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class BenchFarmConfig(BenchArmConfig):
+    """`pfld-export bench-arm` on several devices: `serials`, or every attached one (`all_devices`)."""
+
+    serials: tuple[str, ...] = ()
+    all_devices: bool = False
+
+    def __post_init__(self) -> None:
+        if self.all_devices and self.serials:
+            raise UsageError("pass either --serial a,b,c or --all-devices, not both")
+        if not self.all_devices and not self.serials:
+            raise UsageError("name the devices with --serial a,b,c or pass --all-devices")
+        if len(set(self.serials)) != len(self.serials):
+            raise UsageError(f"--serial lists a device twice ({','.join(self.serials)}); each device runs once")
+
+
 @dataclass
 class BenchArmResult:
     device: DeviceInfo
@@ -566,9 +583,7 @@ def result_path(out_dir: Path, model: Path, info: DeviceInfo) -> Path:
     return Path(out_dir) / f"{model.stem}.{info.profile}-{safe}.json"
 
 
-def bench_arm(cfg: BenchArmConfig, progress: Callable[[str], None] | None = None) -> BenchArmResult:
-    """Benchmark each model on the device and write one JSON per model (atomically, only when that
-    model's runs completed: a lost device leaves no partial file)."""
+def _check_inputs(cfg: BenchArmConfig) -> None:
     if not cfg.models:
         raise UsageError("no models given; pass one or more .tflite files")
     for m in cfg.models:
@@ -576,6 +591,12 @@ def bench_arm(cfg: BenchArmConfig, progress: Callable[[str], None] | None = None
             raise UsageError(f"model {m} does not exist; check the path")
     if not Path(cfg.bench.benchmark_model).is_file():
         raise UsageError(f"benchmark_model binary {cfg.bench.benchmark_model} does not exist: {BENCHMARK_MODEL_HINT}")
+
+
+def bench_arm(cfg: BenchArmConfig, progress: Callable[[str], None] | None = None) -> BenchArmResult:
+    """Benchmark each model on the device and write one JSON per model (atomically, only when that
+    model's runs completed: a lost device leaves no partial file)."""
+    _check_inputs(cfg)
     device = find_device(cfg.serial, cfg.adb, cfg.adb_timeout_s)
     info = device.info(load_profiles(cfg.profiles_dir))
     results, files = [], []
@@ -586,3 +607,86 @@ def bench_arm(cfg: BenchArmConfig, progress: Callable[[str], None] | None = None
         results.append(r)
         files.append(path)
     return BenchArmResult(device=info, results=results, files=files)
+
+
+# --------------------------------------------------------------------------------- many devices
+@dataclass
+class DeviceOutcome:
+    """One device of a farm run: what it measured, and why it stopped if it did not finish."""
+
+    serial: str
+    device: DeviceInfo | None  # None when the device could not even be probed
+    results: list[DeviceBenchResult]
+    files: list[Path]
+    error: str | None = None  # the DeviceError / UsageError message that stopped this device
+    failed_model: str | None = None  # the model it was on when it stopped
+
+    @property
+    def ok(self) -> bool:
+        """Finished every model, and every benchmark_model run succeeded."""
+        return self.error is None and all(r.ok for r in self.results)
+
+
+@dataclass
+class BenchFarmResult:
+    """`bench-arm --serial a,b,c` / `--all-devices`: one outcome per device, in the order asked."""
+
+    devices: list[DeviceOutcome]
+
+    @property
+    def ok(self) -> bool:
+        return all(d.ok for d in self.devices)
+
+    @property
+    def failed(self) -> list[DeviceOutcome]:
+        return [d for d in self.devices if not d.ok]
+
+
+def farm_serials(cfg: BenchFarmConfig) -> list[tuple[str, str]]:
+    """[(serial, adb state)] of the devices to run: the given serials, or every attached one."""
+    listed = list_devices(cfg.adb, timeout_s=min(cfg.adb_timeout_s, 60.0))
+    if not cfg.all_devices:
+        states = dict(listed)
+        return [(s, states.get(s, "not attached")) for s in cfg.serials]
+    if not listed:
+        raise DeviceError("--all-devices but no adb device is attached: connect the phones (USB debugging on) or "
+                          "`adb connect HOST:PORT` them, and check `adb devices`")
+    return listed
+
+
+def _bench_one_device(serial: str, state: str, cfg: BenchFarmConfig, progress: Callable[[str], None] | None) -> DeviceOutcome:
+    """All models on one device, in turn; stops at the first error and keeps what finished."""
+    out = DeviceOutcome(serial=serial, device=None, results=[], files=[])
+    say = (lambda msg: progress(f"{serial}: {msg}")) if progress is not None else None
+    model: Path | None = None
+    try:
+        if state != "device":
+            raise DeviceError(f"device {serial} is {state}: "
+                              f"{_STATE_HELP.get(_state_key(state), 'check the serial with `adb devices`')}")
+        device = find_device(serial, cfg.adb, cfg.adb_timeout_s)
+        out.device = device.info(load_profiles(cfg.profiles_dir))
+        for model in cfg.models:
+            r = run_benchmark_model(device, model, cfg.bench, say)
+            path = result_path(cfg.out_dir, Path(model), out.device)
+            atomic_write_json(path, to_jsonable(r))
+            out.results.append(r)
+            out.files.append(path)
+    except PfldError as e:  # this device's failure is its row; the other devices go on
+        out.error = str(e)
+        out.failed_model = str(model) if model is not None else None
+    return out
+
+
+def bench_arm_devices(cfg: BenchFarmConfig, progress: Callable[[str], None] | None = None) -> BenchFarmResult:
+    """Benchmark every model on several devices at once: one worker thread per device, each
+    device's runs in turn (two benchmark_model processes on one phone would disturb each other's
+    timings). One JSON per device and model, as `bench_arm` writes them. A device that fails or
+    disconnects stops only itself: its outcome carries the error, the others finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _check_inputs(cfg)
+    serials = farm_serials(cfg)
+    # Threads, not processes: the workers wait on adb subprocesses; nothing here holds the GIL long.
+    with ThreadPoolExecutor(max_workers=len(serials), thread_name_prefix="bench-arm") as pool:
+        futures = [pool.submit(_bench_one_device, s, st, cfg, progress) for s, st in serials]
+        return BenchFarmResult(devices=[f.result() for f in futures])

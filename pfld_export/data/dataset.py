@@ -266,6 +266,10 @@ class EpochBatches:
         self.batches = batches
         self.epoch = epoch
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration draws (DistributedSampler's name for it)."""
+        self.epoch = epoch
+
     def __iter__(self) -> Any:
         e = self.epoch
         return iter([[(e, i) for i in b] for b in self.batches(e)])
