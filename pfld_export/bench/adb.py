@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from ..errors import DeviceError, UsageError
 from ..io import atomic_write_json, file_sha256
 from ..report import to_jsonable
+from ..runtime import check_threads
 from .parse import BenchmarkModelOutput, parse_benchmark_output
 
 ADB_INSTALL_HINT = (
@@ -355,8 +356,10 @@ class DeviceBenchConfig:
     output_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if not self.threads or any((not isinstance(t, int)) or t < 1 for t in self.threads):
-            raise UsageError(f"threads must be positive integers, got {self.threads!r}; e.g. --threads 1,4")
+        if not self.threads:
+            raise UsageError("--threads is empty; e.g. --threads 1,4")
+        for t in self.threads:
+            check_threads(t)
         if self.num_runs < 1 or self.warmup_runs < 0:
             raise UsageError(f"need --runs >= 1 and --warmup >= 0, got runs={self.num_runs} warmup={self.warmup_runs}")
         if self.timeout_s <= 0 or self.push_timeout_s <= 0:

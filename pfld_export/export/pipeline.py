@@ -9,6 +9,7 @@ report.json. It never prints: progress goes to the `progress` callback.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -262,11 +263,22 @@ def _stem(path: Path) -> str:
 
 
 def _writable_dir(out: Path) -> Path:
-    """Fail before minutes of work, not after: the folder exists (or can) and takes a file."""
+    """Fail before minutes of work, not after: the folder takes a file, or could be created.
+
+    A folder that does not exist yet is not created here (the writers create it when the first
+    file is ready), so a run that fails early leaves no empty --out behind.
+    """
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        if probe == out:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"{probe} is not writable")
     except OSError as e:
         raise UsageError(f"output folder {out} is not writable ({e.strerror}); choose a writable --out") from None
     return out
