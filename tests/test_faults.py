@@ -267,3 +267,14 @@ def test_predict_skipping_one_bad_file_among_good_ones_succeeds(assets: dict[str
     assert res.exit_code == 0, res.output
     assert "skipped" in res.output and "x.jpg" in res.output
     assert (tmp_path / "out" / "predictions.json").exists()
+
+
+# --------------------------------------------------------------------------- weak spots
+
+
+def test_random_bytes_pth_says_not_a_checkpoint_and_never_suggests_unsafe_loading(tmp_path: Path) -> None:
+    bad = tmp_path / "random.pth"
+    bad.write_bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    res = _run(["info", bad])
+    _one_line_error(res, ModelFileError.exit_code, "is not a PyTorch checkpoint")
+    assert "weights_only" not in res.output
