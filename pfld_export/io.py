@@ -7,6 +7,7 @@ file in the same directory, is flushed and fsynced, then `os.replace`d into plac
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -180,6 +181,39 @@ def _umask() -> int:
     mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def locked_dir(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder for a whole run (created if needed).
+
+    Two runs writing one folder would leave a report describing only the last writer; the
+    second now stops at once. The lock is flock(2) on the folder itself (no lock file left
+    behind; the kernel drops it if the process dies). A folder this run created and left empty
+    (an early failure) is removed again.
+    """
+    d = Path(path)
+    created = not d.exists()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {d}: {e.strerror}; choose a writable {flag}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another pfld-export run is writing into {d}; wait for it to finish or choose another {flag}") from None
+        try:
+            yield d
+        finally:
+            if created:
+                try:
+                    d.rmdir()  # only succeeds when nothing was written
+                except OSError:
+                    pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -278,3 +278,76 @@ def test_random_bytes_pth_says_not_a_checkpoint_and_never_suggests_unsafe_loadin
     res = _run(["info", bad])
     _one_line_error(res, ModelFileError.exit_code, "is not a PyTorch checkpoint")
     assert "weights_only" not in res.output
+
+
+def test_readme_exit_code_table_matches_the_error_classes() -> None:
+    import re
+
+    from pfld_export import errors
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Exit codes"):]
+    section = section[:section.index("\n## ", 3)]
+    rows = re.findall(r"^\| (\d+) \|[^|]*\|([^|\n]*)\|", section, re.M)
+    table = {name: int(code) for code, names in rows for name in re.findall(r"`(\w+)`", names)}
+    classes = {name: cls for name, cls in vars(errors).items()
+               if isinstance(cls, type) and issubclass(cls, errors.PfldError)}
+    documented = {n for n in classes if n in table}
+    assert documented >= {"PfldError", "UsageError", "OutputError", "CheckpointError", "ModelFileError", "DataError",
+                          "ConversionError", "ToleranceError", "BudgetError", "DeviceError"}, documented
+    for name in documented:
+        assert classes[name].exit_code == table[name], (name, classes[name].exit_code, table[name])
+    # Every class's code appears in the table, so a new code cannot go undocumented.
+    assert {c.exit_code for c in classes.values()} <= {int(code) for code, _ in rows}
+
+
+def test_size_budget_and_width_are_refused_before_any_work(assets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = _run(["convert", assets["ckpt"], "--size-budget", "0", "--out", out])
+    _one_line_error(res, UsageError.exit_code, "give a positive size")
+    res = _run(["convert", assets["ckpt"], "--width", "0.3", "--out", out])
+    _one_line_error(res, UsageError.exit_code, "--width 0.3 contradicts")
+    assert "train --width 0.3" not in res.output and "drop --width" in res.output
+    assert not out.exists()  # an early failure leaves no empty --out
+
+
+def test_a_second_convert_into_a_locked_folder_stops_at_once(assets: dict[str, Path], tmp_path: Path) -> None:
+    from pfld_export.io import locked_dir
+
+    out = tmp_path / "out"
+    with locked_dir(out):
+        with pytest.raises(UsageError, match="another pfld-export run is writing into"):
+            with locked_dir(out):
+                pass
+        res = _run(["convert", assets["ckpt"], "--formats", "fp32", "--out", out])
+        _one_line_error(res, UsageError.exit_code, "another pfld-export run is writing into")
+    assert not out.exists()  # created by the lock, left empty, removed again
+    with locked_dir(out):  # released: the next run gets it
+        (out / "kept.txt").write_text("x")
+    assert (out / "kept.txt").exists()
+
+
+def test_bench_arm_adb_failure_names_the_exit_code(assets: dict[str, Path], tmp_path: Path) -> None:
+    model = tmp_path / "m.tflite"  # need not be valid: adb fails first
+    model.write_bytes(b"x")
+    res = _run(["bench-arm", model, "--benchmark-model", "/bin/true", "--adb", "/bin/false", "--out", tmp_path / "arm"])
+    assert res.exit_code == 8 and "Traceback" not in res.output, res.output
+    assert "failed: exit code 1, no output" in res.output and "failed: ;" not in res.output
+
+
+@pytest.mark.slow
+def test_rerun_with_fewer_formats_and_a_failed_budget_leaves_exactly_the_report(assets: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "out"
+    res = _run(["convert", assets["ckpt"], "--formats", "fp32,fp16", "--calib-count", "20", "--out", out])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.glob("*.tflite")} == {"tiny_fp32.tflite", "tiny_fp16.tflite"}
+    res = _run(["convert", assets["ckpt"], "--formats", "fp32", "--size-budget", "1", "--calib-count", "20", "--out", out])
+    _one_line_error(res, 7, "1 budget check(s) failed (fp32 size)")
+    # fp16 is stale (the new report does not list it); the over-budget fp32 is not under its normal name.
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "tiny_fp32.over-budget.json", "tiny_fp32.over-budget.tflite"]
+    side = json.loads((out / "tiny_fp32.over-budget.json").read_text())
+    assert side["budget"]["passed"] is False and side["budget"]["failed"][0].startswith("size")
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(a["path"]).name for a in report["artifacts"]] == ["tiny_fp32.over-budget.tflite"]
