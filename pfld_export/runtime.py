@@ -324,30 +324,20 @@ def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None) 
                           num_points=loaded.meta.model.points, threads=threads, name=path.name)
 
 
-def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with telemetry off (no network at run time, ever)."""
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session, quiet, with the thread count asked for.
+
+    ORT's telemetry is off for the whole process: the package sets ORT_DISABLE_TELEMETRY when it
+    is imported (see pfld_export/__init__.py; ORT reads it only when it is first imported).
+    """
     import onnxruntime as ort
 
-    disable_ort_telemetry()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
-
-
-def disable_ort_telemetry() -> None:
-    """Switch ONNX Runtime's telemetry off for this process (it is process-wide in ORT).
-
-    Where the build has telemetry, sessions otherwise may look up its collector host: a network
-    attempt the tool must never make.
-    """
-    import onnxruntime as ort
-
-    off = getattr(ort, "disable_telemetry_events", None)
-    if off is not None:
-        off()
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -> OnnxPredictor:

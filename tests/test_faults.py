@@ -186,7 +186,7 @@ def test_full_disk_bench_out_and_train_are_one_line(assets: dict[str, Path], sma
 @pytest.mark.slow
 def test_full_disk_convert_is_one_line(assets: dict[str, Path], small_disk: Path) -> None:
     _fill(small_disk)
-    res = _run(["convert", assets["ckpt"], "--formats", "fp32", "--out", small_disk / "convert", "--calib-count", "16"])
+    res = _run(["convert", assets["ckpt"], "--formats", "fp32", "--out", small_disk / "convert", "--calib-count", "20"])
     _one_line_error(res, OutputError.exit_code, "No space left on device")
     assert not list((small_disk / "convert").glob("*.tflite")) if (small_disk / "convert").exists() else True
 
@@ -351,3 +351,26 @@ def test_rerun_with_fewer_formats_and_a_failed_budget_leaves_exactly_the_report(
     assert side["budget"]["passed"] is False and side["budget"]["failed"][0].startswith("size")
     report = json.loads((out / "report.json").read_text())
     assert [Path(a["path"]).name for a in report["artifacts"]] == ["tiny_fp32.over-budget.tflite"]
+
+
+def test_a_full_disk_met_outside_our_writers_is_still_one_line() -> None:
+    import errno
+
+    import click
+
+    from pfld_export.cli import friendly
+
+    @click.command()
+    @friendly
+    def writes_elsewhere() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/onnx2tf-x/model.pb")
+
+    @click.command()
+    @friendly
+    def has_a_bug() -> None:
+        raise OSError(errno.EBADF, "bad file descriptor")
+
+    res = CliRunner().invoke(writes_elsewhere, [])
+    _one_line_error(res, OutputError.exit_code, "No space left on device writing /tmp/onnx2tf-x/model.pb")
+    res = CliRunner().invoke(has_a_bug, [])
+    assert isinstance(res.exception, OSError)  # a bug is not dressed up as a user error
