@@ -113,13 +113,17 @@ class ConvertReport:
         self.passed = all(f.passed for f in self.formats)
 
     def raise_for_budgets(self) -> None:
-        """BudgetError naming each failed check, if any format failed one."""
-        bad = [f"{f.format} {c.name}" for f in self.formats for c in f.failures]
-        if bad:
-            # One short line: the figures are in the table above and in report.json.
-            names = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-            raise BudgetError(f"{len(bad)} budget check(s) failed ({names}); failing models are saved as "
-                              f"*.over-budget.tflite; details in {self.report_path}")
+        """BudgetError naming the failed checks, if any format failed one: one short line (the FAIL
+        lines of the table carry the details), with the first failure's figure and fix."""
+        bad = [(f.format, c) for f in self.formats for c in f.failures]
+        if not bad:
+            return
+        fmt, first = bad[0]
+        others = [f"{f} {c.name}" for f, c in bad[1:]]
+        more = f"; also {', '.join(others[:5])}" + (f" and {len(others) - 5} more" if len(others) > 5 else "") if others else ""
+        fix = f"; {first.fix}" if first.fix else ""
+        raise BudgetError(f"{len(bad)} budget check(s) failed: {fmt} {first.name} ({first.figure or first.detail}){more}{fix}; "
+                          f"failing models are kept as *.over-budget.tflite; details in {self.report_path}")
 
 
 def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertReport:
