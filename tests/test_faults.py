@@ -139,17 +139,27 @@ def test_threads_check_is_in_the_library_not_only_the_cli(assets: dict[str, Path
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real, tiny filesystem (tmpfs) to fill up. Needs root (mount); skips where it cannot."""
+    yield from _tmpfs(tmp_path, "256k")
+
+
+def _tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tiny tmpfs needs root and mount(8); a full disk cannot be made here")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); a full disk cannot be made")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def big_small_disk(tmp_path: Path) -> Iterator[Path]:
+    """Like `small_disk`, with room for one tiny conversion (a 0.25X fp32 .tflite is ~1.3 MB)."""
+    yield from _tmpfs(tmp_path, "8m")
 
 
 def _fill(disk: Path, leave: int = 0) -> None:
@@ -187,11 +197,18 @@ def test_full_disk_bench_out_and_train_are_one_line(assets: dict[str, Path], sma
 
 
 @pytest.mark.slow
-def test_full_disk_convert_is_one_line(assets: dict[str, Path], small_disk: Path) -> None:
-    _fill(small_disk)
-    res = _run(["convert", assets["ckpt"], "--formats", "fp32", "--out", small_disk / "convert", "--calib-count", "20"])
+def test_full_disk_convert_is_one_line_and_leaves_the_previous_set_as_it_was(assets: dict[str, Path],
+                                                                            big_small_disk: Path) -> None:
+    out = big_small_disk / "convert"
+    res = _run(["convert", assets["ckpt"], "--formats", "fp32", "--out", out, "--calib-count", "20"])
+    assert res.exit_code == 0, res.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"report.json", "tiny_fp32.json", "tiny_fp32.tflite"}
+    _fill(big_small_disk)
+    res = _run(["convert", assets["ckpt"], "--formats", "fp32,fp16", "--out", out, "--calib-count", "20"])
     _one_line_error(res, OutputError.exit_code, "No space left on device")
-    assert not list((small_disk / "convert").glob("*.tflite")) if (small_disk / "convert").exists() else True
+    # Together or not at all: the earlier result set is untouched, no half-written new one beside it.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_read_only_output_is_one_line(assets: dict[str, Path], small_disk: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..errors import BudgetError, UsageError
+from ..errors import BudgetError, OutputError, UsageError
 from ..io import atomic_write_json, locked_dir
 from ..layouts import get_layout
 from ..preprocess import Preprocess
@@ -131,17 +132,52 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     `ConvertReport.raise_for_budgets`). Typed errors for bad input, failed conversions and
     ONNX parity.
 
-    The output folder is locked for the run (a second convert into it stops at once). Files an
-    earlier run's report.json listed and this run did not write are removed, so the folder holds
-    exactly what report.json describes; formats that fail a budget are renamed `*.over-budget.*`.
+    The output folder holds one result set, written together or not at all: the run works in a
+    hidden staging folder inside --out and moves its files in only once everything is written
+    (a full disk, an error or Ctrl-C leaves --out as it was). The folder is locked for the run
+    (a second convert into it stops at once). Files the previous report.json listed and this run
+    did not write are removed; formats that fail a budget are renamed `*.over-budget.*`.
     """
     select_formats(cfg.formats, cfg.int8)  # bad options fail before the folder is touched
     parse_size(cfg.size_budget)
     _writable_dir(Path(cfg.out_dir))
-    with locked_dir(cfg.out_dir):
-        stale = _listed_outputs(Path(cfg.out_dir) / "report.json")
-        report = _convert(cfg, progress)
-        _remove(stale - _listed_outputs(report.report_path), Path(cfg.out_dir))
+    with locked_dir(cfg.out_dir) as out:
+        for left in out.glob(f"{_STAGING}*"):  # a killed run's staging folder (we hold the lock)
+            shutil.rmtree(left, ignore_errors=True)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out))
+        except OSError as e:
+            raise OutputError(f"cannot write into {out} ({e.strerror}); free space there or choose another --out") from None
+        try:
+            report = _publish(_convert(dataclasses.replace(cfg, out_dir=staging), progress), staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+_STAGING = ".convert-staging-"
+
+
+def _publish(report: ConvertReport, staging: Path, out: Path) -> ConvertReport:
+    """Move a finished result set from `staging` into `out`, rewrite report.json with the final
+    paths, and remove what the previous report listed and this one does not."""
+    from ..report import to_jsonable
+
+    stale = _listed_outputs(out / "report.json")
+    for p in sorted(staging.iterdir()):
+        if p.is_file() and p.name != "report.json":
+            os.replace(p, out / p.name)  # renames take no space: the set appears in one go
+
+    def moved(p: Path) -> Path:
+        return out / p.name if Path(p).parent == staging else p
+
+    for f in report.formats:
+        f.path = moved(f.path)
+    report = dataclasses.replace(
+        report, artifacts=[dataclasses.replace(a, path=moved(a.path), sidecar=moved(a.sidecar)) for a in report.artifacts],
+        onnx=dataclasses.replace(report.onnx, path=moved(report.onnx.path)), report_path=out / "report.json")
+    atomic_write_json(report.report_path, to_jsonable(report))
+    _remove(stale - _listed_outputs(report.report_path), out)
     return report
 
 
