@@ -6,6 +6,7 @@ exit code here.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Any, Callable, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__
-from .errors import PfldError
+from .errors import OutputError, PfldError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +32,14 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as e:
+            # Our own outputs already fail as OutputError (io.py); this catches a full or read-only
+            # disk met by a third-party writer (onnx2tf's temp files, TensorFlow, caches).
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror}{where}; free space (or check $TMPDIR) and re-run", err=True)
+            sys.exit(OutputError.exit_code)
 
     return wrapper  # type: ignore[return-value]
 
@@ -159,7 +168,7 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--seed", type=int, default=None, help="Seed for weights, split, order and augmentation  [default: 0]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA if present.")
 @click.option("--workers", type=click.IntRange(0, 1), default=0, show_default=True, help="DataLoader worker processes (0 or 1 on 2 cores).")
-@click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: 1 on <= 2 cores or a busy machine, else one per core]")
+@click.option("--threads", type=int, default=None, help="torch threads while training  [default: 1 on <= 2 cores or a busy machine, else one per core]")
 @click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
 @click.option("--int8-noise", type=float, default=None, help="Train int8-robust: uniform noise of this many int8 steps on every tensor int8 requantizes (8 measured: 0.25X int8 shift 0.49 -> 0.29-0.34 px, float NME 0.081 -> 0.089). Off (0) by default.")

@@ -55,6 +55,7 @@ from .export.equalize import tflite_weight_rounding
 from .export.validate import ShiftStats, shift_stats
 from .io import file_sha256
 from .model import PFLD, LandmarkModel
+from .runtime import check_threads
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
 ACT_QMIN, ACT_QMAX = -128, 127  # int8 activations, asymmetric
@@ -92,6 +93,7 @@ class QATConfig:
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        check_threads(self.threads)
         if self.steps < 1:
             raise UsageError(f"--qat-steps {self.steps} must be at least 1")
         if self.batch < 1:

@@ -50,6 +50,7 @@ from .layouts import PointLayout, get_layout
 from .loss import LossOutput, class_frequencies, get_loss
 from .model import PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
 from .preprocess import Preprocess
+from .runtime import check_threads
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -117,8 +118,7 @@ class TrainConfig:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.val_fraction is not None and not (0 <= self.val_fraction < 1):
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
         if self.workers not in (0, 1):
             raise UsageError(f"--workers must be 0 or 1 (2-core machines), got {self.workers}")
         if self.schedule is not None and self.schedule not in SCHEDULES:

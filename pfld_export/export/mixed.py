@@ -779,13 +779,17 @@ def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fi
                                  "`pfld-export train --qat --qat-ranges learned --qat-equalize --init CKPT --data PHOTOS` and convert "
                                  "that with --reference CKPT; a model you train yourself can train int8-robust with `pfld-export train --int8-noise 8` "
                                  "(measured gains and their NME cost: benchmarks/int8_fidelity.md)")
-            row.checks.append(Check("max-shift", ok, f"{got} (budget mean {cfg.max_shift} px, p99 {p99_budget:g} px) with {how}{fix}"))
+            row.checks.append(Check("max-shift", ok, f"{got} (budget mean {cfg.max_shift} px, p99 {p99_budget:g} px) with {how}{fix}",
+                                    figure=f"{got}; budget mean {cfg.max_shift} px, p99 {p99_budget:g} px",
+                                    fix="allow more float ops (--max-float-ops) or raise --max-shift; more ways in the FAIL line above"))
         if cfg.max_nme_increase is not None:
             inc = row.nme_increase
             ok = inc is not None and inc <= cfg.max_nme_increase
             got = "NME not measured" if inc is None else f"best reached NME +{inc:.4f}"
             fix = "" if ok else "; allow more float ops (--max-float-ops) or raise --max-nme-increase (see benchmarks/int8_fidelity.md)"
-            row.checks.append(Check("max-nme-increase", ok, f"{got} (budget +{cfg.max_nme_increase}) with {how}{fix}"))
+            row.checks.append(Check("max-nme-increase", ok, f"{got} (budget +{cfg.max_nme_increase}) with {how}{fix}",
+                                    figure=f"{got}; budget +{cfg.max_nme_increase}",
+                                    fix="allow more float ops (--max-float-ops) or raise --max-nme-increase"))
         row.passed = all(c.ok for c in row.checks)
 
 

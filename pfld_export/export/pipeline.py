@@ -9,6 +9,9 @@ report.json. It never prints: progress goes to the `progress` callback.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -17,11 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..errors import BudgetError, UsageError
-from ..io import atomic_write_json
+from ..errors import BudgetError, OutputError, UsageError
+from ..io import atomic_write_json, locked_dir
 from ..layouts import get_layout
 from ..preprocess import Preprocess
-from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, ONNX_META_MODEL, ONNX_META_PREPROCESS
+from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, sidecar_path, ONNX_META_MODEL, ONNX_META_PREPROCESS
 from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation
 from .formats import parse_size, select_formats
 from .onnx import PARITY_ATOL_PX, OnnxArtifact, OnnxConfig, ParityResult, check_parity, import_onnx, to_onnx
@@ -111,16 +114,74 @@ class ConvertReport:
         self.passed = all(f.passed for f in self.formats)
 
     def raise_for_budgets(self) -> None:
-        """BudgetError naming each failed check, if any format failed one."""
-        bad = [f"{f.format} {c.name} ({c.detail})" for f in self.formats for c in f.failures]
-        if bad:
-            raise BudgetError(f"{len(bad)} budget check(s) failed: {'; '.join(bad)}; see {self.report_path}")
+        """BudgetError naming the failed checks, if any format failed one: one short line (the FAIL
+        lines of the table carry the details), with the first failure's figure and fix."""
+        bad = [(f.format, c) for f in self.formats for c in f.failures]
+        if not bad:
+            return
+        fmt, first = bad[0]
+        others = [f"{f} {c.name}" for f, c in bad[1:]]
+        more = f"; also {', '.join(others[:5])}" + (f" and {len(others) - 5} more" if len(others) > 5 else "") if others else ""
+        fix = f"; {first.fix}" if first.fix else ""
+        raise BudgetError(f"{len(bad)} budget check(s) failed: {fmt} {first.name} ({first.figure or first.detail}){more}{fix}; "
+                          f"failing models are kept as *.over-budget.tflite; details in {self.report_path}")
 
 
 def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertReport:
     """Run every stage; returns the report (budget failures are in it, not raised: see
     `ConvertReport.raise_for_budgets`). Typed errors for bad input, failed conversions and
-    ONNX parity."""
+    ONNX parity.
+
+    The output folder holds one result set, written together or not at all: the run works in a
+    hidden staging folder inside --out and moves its files in only once everything is written
+    (a full disk, an error or Ctrl-C leaves --out as it was). The folder is locked for the run
+    (a second convert into it stops at once). Files the previous report.json listed and this run
+    did not write are removed; formats that fail a budget are renamed `*.over-budget.*`.
+    """
+    select_formats(cfg.formats, cfg.int8)  # bad options fail before the folder is touched
+    parse_size(cfg.size_budget)
+    _writable_dir(Path(cfg.out_dir))
+    with locked_dir(cfg.out_dir) as out:
+        for left in out.glob(f"{_STAGING}*"):  # a killed run's staging folder (we hold the lock)
+            shutil.rmtree(left, ignore_errors=True)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out))
+        except OSError as e:
+            raise OutputError(f"cannot write into {out} ({e.strerror}); free space there or choose another --out") from None
+        try:
+            report = _publish(_convert(dataclasses.replace(cfg, out_dir=staging), progress), staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+_STAGING = ".convert-staging-"
+
+
+def _publish(report: ConvertReport, staging: Path, out: Path) -> ConvertReport:
+    """Move a finished result set from `staging` into `out`, rewrite report.json with the final
+    paths, and remove what the previous report listed and this one does not."""
+    from ..report import to_jsonable
+
+    stale = _listed_outputs(out / "report.json")
+    for p in sorted(staging.iterdir()):
+        if p.is_file() and p.name != "report.json":
+            os.replace(p, out / p.name)  # renames take no space: the set appears in one go
+
+    def moved(p: Path) -> Path:
+        return out / p.name if Path(p).parent == staging else p
+
+    for f in report.formats:
+        f.path = moved(f.path)
+    report = dataclasses.replace(
+        report, artifacts=[dataclasses.replace(a, path=moved(a.path), sidecar=moved(a.sidecar)) for a in report.artifacts],
+        onnx=dataclasses.replace(report.onnx, path=moved(report.onnx.path)), report_path=out / "report.json")
+    atomic_write_json(report.report_path, to_jsonable(report))
+    _remove(stale - _listed_outputs(report.report_path), out)
+    return report
+
+
+def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
     formats = select_formats(cfg.formats, cfg.int8)
     size_budget = parse_size(cfg.size_budget)
     from .mixed import int8_config_for
@@ -176,6 +237,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
             from .mixed import add_budget_checks
 
             add_budget_checks(rows, by_name, cfg, fit)
+        artifacts = [_mark_over_budget(a, r) for a, r in zip(artifacts, rows)]
     report = ConvertReport(
         source=str(src.path), source_kind=src.kind, reference=src.reference.backend, model=src.model,
         preprocess=src.preprocess.to_dict(), calibration=calib.description, validation=val.description, onnx=art,
@@ -187,6 +249,48 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
 
     atomic_write_json(report.report_path, to_jsonable(report))
     return report
+
+
+def _mark_over_budget(art: TfliteArtifact, row: FormatValidation) -> TfliteArtifact:
+    """A format that failed a budget must not sit under the name a deployment picks up: rename it
+    (and its sidecar) `<name>.over-budget.*`, and say in the sidecar which checks failed."""
+    if row.passed:
+        return art
+    path = art.path.with_name(f"{art.path.stem}.over-budget{art.path.suffix}")
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(art.sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    meta["budget"] = {"passed": False, "failed": [f"{c.name} ({c.detail})" for c in row.failures]}
+    atomic_write_json(side, meta)
+    os.replace(art.path, path)
+    art.sidecar.unlink(missing_ok=True)
+    row.path = path
+    return dataclasses.replace(art, path=path, sidecar=side)
+
+
+def _listed_outputs(report_path: Path) -> set[Path]:
+    """Files a report.json says its run wrote (artifacts, sidecars, a kept ONNX, the report)."""
+    try:
+        doc = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    paths = {report_path}
+    for a in doc.get("artifacts") or []:
+        paths.update(Path(a[k]) for k in ("path", "sidecar") if isinstance(a, dict) and a.get(k))
+    onnx = doc.get("onnx") or {}
+    if doc.get("onnx_kept") and isinstance(onnx, dict) and onnx.get("path"):
+        paths.add(Path(onnx["path"]))
+    return paths
+
+
+def _remove(paths: set[Path], out: Path) -> None:
+    """Delete stale outputs of an earlier run, never anything outside `out`."""
+    root = out.resolve()
+    for p in paths:
+        if p.resolve().parent == root:
+            p.unlink(missing_ok=True)
 
 
 def load_source(cfg: ConvertConfig) -> Source:
@@ -244,8 +348,17 @@ def _check_width(asked: float | None, actual: float | None, path: Path) -> None:
         raise UsageError(f"--width {asked} cannot be checked: {path.name} records no width; drop --width (conversion never changes it)")
     raise UsageError(
         f"--width {asked} contradicts {path.name}, whose weights are a {actual}X model: width is a property of the "
-        f"trained weights, not a conversion setting; train a {asked}X model with `pfld-export train --width {asked}` and convert that"
+        f"trained weights, not a conversion setting; {_train_advice(asked)}"
     )
+
+
+def _train_advice(width: float) -> str:
+    """Advice to train the asked width, or the widths `train` accepts (never a command it refuses)."""
+    from ..model import WIDTHS
+
+    if width in WIDTHS:
+        return f"train a {width}X model with `pfld-export train --width {width}` and convert that"
+    return f"{width}X is not a width train builds either; drop --width, or train one of {', '.join(map(str, WIDTHS))}"
 
 
 def _json_or_none(text: str | None) -> Any:
@@ -262,11 +375,22 @@ def _stem(path: Path) -> str:
 
 
 def _writable_dir(out: Path) -> Path:
-    """Fail before minutes of work, not after: the folder exists (or can) and takes a file."""
+    """Fail before minutes of work, not after: the folder takes a file, or could be created.
+
+    A folder that does not exist yet is not created here (the writers create it when the first
+    file is ready), so a run that fails early leaves no empty --out behind.
+    """
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        if probe == out:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"{probe} is not writable")
     except OSError as e:
         raise UsageError(f"output folder {out} is not writable ({e.strerror}); choose a writable --out") from None
     return out

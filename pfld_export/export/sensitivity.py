@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UsageError
-from ..io import atomic_path, atomic_write_json
+from ..io import FileSet, atomic_path, file_set
 from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation
 from .mixed import Calibrated, OpInfo, calibrate, keras_function, predict_blob
 from .validate import ShiftStats, shift_stats
@@ -125,10 +125,11 @@ def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> Sen
     report.model, report.calibration, report.validation = str(src.path), calib.description, val.description
     report.equalized = cfg.equalize
     report.json_path, report.png_path = out / "sensitivity.json", out / "sensitivity.png"
-    plot_sensitivity(report, report.png_path, cfg.top)
     from ..report import to_jsonable
 
-    atomic_write_json(report.json_path, to_jsonable(report))
+    with file_set() as files:  # sensitivity.json and its chart appear together or not at all
+        plot_sensitivity(report, report.png_path, cfg.top, files)
+        files.write_json(report.json_path, to_jsonable(report))
     return report
 
 
@@ -176,8 +177,9 @@ def ranking(report: SensitivityReport) -> list[str]:
     return [r.tensor for r in sorted(report.layers, key=key)]
 
 
-def plot_sensitivity(report: SensitivityReport, path: Path, top: int = 20) -> Path:
-    """Horizontal bar chart of the `top` most sensitive ops (mean and p99 shift), written atomically."""
+def plot_sensitivity(report: SensitivityReport, path: Path, top: int = 20, files: FileSet | None = None) -> Path:
+    """Horizontal bar chart of the `top` most sensitive ops (mean and p99 shift), written atomically
+    (with `files`: as part of that result set)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -196,8 +198,11 @@ def plot_sensitivity(report: SensitivityReport, path: Path, top: int = 20) -> Pa
         ax.set_title(f"int8 sensitivity per op: {Path(report.model).name}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
+        if files is not None:
+            fig.savefig(files.path(path), dpi=110)
+        else:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path

@@ -54,6 +54,9 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # For the one error line a failed run ends with (the FAIL lines above it carry `detail`):
+    figure: str = ""  # the number that missed, short; empty: `detail` is short already
+    fix: str = ""  # the main way to meet it, short
 
 
 @dataclass
