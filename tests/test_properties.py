@@ -15,7 +15,7 @@ from pfld_export.data.augment import AugmentParams, augment_points, can_mirror, 
 from pfld_export.errors import UsageError
 from pfld_export.export.formats import format_size, parse_size
 from pfld_export.layouts import IBUG68, WFLW98, PointLayout, custom_layout
-from pfld_export.metrics import nme
+from pfld_export.metrics import nme, normalizers
 from pfld_export.preprocess import crop_from_box
 
 LAYOUTS = (WFLW98, IBUG68, custom_layout(5), custom_layout(17))
@@ -57,18 +57,23 @@ def _apply(sim: tuple[float, float, np.ndarray], p: np.ndarray, flip: bool = Fal
     return p @ r.T + t
 
 
+def face_like(layout: PointLayout, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth (uniform in a 112 px crop) and a prediction near it, from a seed: hypothesis
+    explores the transforms, numpy makes the 68/98 points cheaply."""
+    rng = np.random.default_rng(seed)
+    gt = rng.uniform(0, 112, (layout.num_points, 2))
+    return gt + rng.normal(0, 3, gt.shape), gt
+
+
 @pytest.mark.parametrize("layout,norm", [(WFLW98, "inter-ocular"), (WFLW98, "inter-pupil"), (IBUG68, "inter-ocular"),
                                          (IBUG68, "inter-pupil")])
-@given(data=st.data(), sim=similarity(), flip=st.booleans())
-def test_nme_is_invariant_under_similarity_transforms(layout: PointLayout, norm: str, data: st.DataObject,
+@given(seed=st.integers(0, 2**32 - 1), sim=similarity(), flip=st.booleans())
+def test_nme_is_invariant_under_similarity_transforms(layout: PointLayout, norm: str, seed: int,
                                                       sim: tuple[float, float, np.ndarray], flip: bool) -> None:
     """Rotating, scaling, reflecting and shifting prediction and ground truth together changes no
     distance ratio, so NME (normalised by a distance between points) must not move."""
-    gt = data.draw(points_for(layout.num_points, 0, 112), label="gt")
-    noise = data.draw(points_for(layout.num_points, -5, 5), label="noise")
-    a, b = layout.eye_corners  # type: ignore[misc]
-    assume(np.linalg.norm(gt[a] - gt[b]) > 1.0)
-    pred = gt + noise
+    pred, gt = face_like(layout, seed)
+    assume(normalizers(gt, layout, norm)[0] > 1.0)  # degenerate annotations are refused, not measured
     before = nme(pred, gt, layout, norm)
     after = nme(_apply(sim, pred, flip), _apply(sim, gt, flip), layout, norm)
     assert np.allclose(after, before, rtol=1e-7, atol=1e-9)
@@ -80,7 +85,7 @@ def test_box_nme_is_invariant_under_scale_and_shift(pts: np.ndarray, noise: np.n
     """The box normaliser (custom layouts) is the axis-aligned box diagonal: invariant to scale and
     translation (not to rotation, by definition)."""
     layout = custom_layout(5)
-    assume(np.linalg.norm(pts.max(0) - pts.min(0)) > 1.0)
+    assume(normalizers(pts, layout, "box")[0] > 1.0)
     before = nme(pts + noise, pts, layout, "box")
     shift = np.asarray(t)
     assert np.allclose(nme(s * (pts + noise) + shift, s * pts + shift, layout, "box"), before, rtol=1e-7, atol=1e-9)
@@ -88,9 +93,9 @@ def test_box_nme_is_invariant_under_scale_and_shift(pts: np.ndarray, noise: np.n
 
 # ----------------------------------------------------------------------------------- mirroring
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l.name)
-@given(data=st.data(), size=st.sampled_from([56, 112, 224]))
-def test_mirroring_twice_is_the_identity(layout: PointLayout, data: st.DataObject, size: int) -> None:
-    pts = data.draw(points_for(layout.num_points, 0, size), label="points")
+@given(seed=st.integers(0, 2**32 - 1), size=st.sampled_from([56, 112, 224]))
+def test_mirroring_twice_is_the_identity(layout: PointLayout, seed: int, size: int) -> None:
+    pts = np.random.default_rng(seed).uniform(0, size, (layout.num_points, 2))
     flip = AugmentParams(size=size, mirror=True, matrix=geometric_matrix(0.0, 1.0, (0.0, 0.0), True, size))
     if not can_mirror(layout):  # custom layouts: which point becomes which is unknown, so no flips
         with pytest.raises(UsageError, match="mirror table"):
@@ -104,11 +109,11 @@ def test_mirroring_twice_is_the_identity(layout: PointLayout, data: st.DataObjec
 
 
 @pytest.mark.parametrize("layout", [WFLW98, IBUG68], ids=lambda l: l.name)
-@given(data=st.data(), rot=st.floats(-180, 180), scale=st.floats(0.25, 4.0), shift=st.tuples(st.floats(-50, 50), st.floats(-50, 50)),
-       mirror=st.booleans())
-def test_unaugment_inverts_augment(layout: PointLayout, data: st.DataObject, rot: float, scale: float,
+@given(seed=st.integers(0, 2**32 - 1), rot=st.floats(-180, 180), scale=st.floats(0.25, 4.0),
+       shift=st.tuples(st.floats(-50, 50), st.floats(-50, 50)), mirror=st.booleans())
+def test_unaugment_inverts_augment(layout: PointLayout, seed: int, rot: float, scale: float,
                                    shift: tuple[float, float], mirror: bool) -> None:
-    pts = data.draw(points_for(layout.num_points, 0, 112), label="points")
+    pts = np.random.default_rng(seed).uniform(0, 112, (layout.num_points, 2))
     params = AugmentParams(rotation_deg=rot, scale=scale, shift=shift, mirror=mirror,
                            matrix=geometric_matrix(rot, scale, shift, mirror, 112))
     assert np.allclose(unaugment_points(augment_points(pts, params, layout), params, layout), pts, atol=1e-8)
