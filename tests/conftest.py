@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,14 +22,17 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_ENV = "PFLD_FIXTURES"
 REQUIRE_ENV = "PFLD_REQUIRE_FIXTURES"
 FIXTURES = Path(os.environ[FIXTURES_ENV]) if os.environ.get(FIXTURES_ENV) else ROOT.parent / "shared" / "fixtures"
 
-# No example database: hypothesis would otherwise write .hypothesis/ into the checkout. Modest
-# example counts and no deadline keep the property tests fast and steady on a loaded machine.
+# Hypothesis keeps caches (and by default an example database) in ./.hypothesis: in a temp dir
+# instead, and no database, so the suite leaves the checkout as it found it. Modest example
+# counts and no deadline keep the property tests fast and steady on a loaded machine.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "pfld-export-tests-hypothesis")
 settings.register_profile("pfld", database=None, max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("pfld")
