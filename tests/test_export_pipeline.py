@@ -32,7 +32,7 @@ from pfld_export.runtime import open_predictor, read_sidecar
 
 from .conftest import briefly_trained, refuse_network, synthetic_crops
 
-# About 25 s on one idle core (0.2 s a step at 0.25X, batch 16). The model learns its faces (NME on
+# 27-47 s measured at a load average of ~10 (0.25X, batch 16, one thread). It learns its faces (NME on
 # them 0.086 against the mean shape's 0.202), and int8 then moves it about as much as a real
 # checkpoint (1-2 px, benchmarks/conversion.md) instead of the ~14 px of an untrained backbone.
 TRAIN_STEPS = 120
