@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
+# Extra pytest arguments for the test targets, e.g. `make test PYTEST_ARGS="-rs -k parse"` (CI: -rs).
+PYTEST_ARGS ?=
 
 .PHONY: install test test-slow test-all demo bench bench-arm arm-rig test-arm check clean help
 
@@ -28,13 +30,13 @@ $(STAMP): requirements.lock setup.cfg pyproject.toml
 	@touch $@
 
 test: install
-	$(PYTEST) -q
+	$(PYTEST) -q $(PYTEST_ARGS)
 
 test-slow: install
-	$(PYTEST) -q -m slow
+	$(PYTEST) -q -m slow $(PYTEST_ARGS)
 
 test-all: install
-	$(PYTEST) -q -m "slow or not slow"
+	$(PYTEST) -q -m "slow or not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out

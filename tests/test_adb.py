@@ -286,8 +286,10 @@ def test_benchmark_timeout_is_a_device_error_and_cleans_up(fake: FakeAdb, files:
     fake.set(devices=[["ABC123", "device"]], hang="benchmark")
     model, bm = files
     out = tmp_path / "out"
-    cfg = BenchArmConfig(models=(model,), out_dir=out, bench=DeviceBenchConfig(benchmark_model=bm, threads=(1,), timeout_s=1))
-    with pytest.raises(DeviceError, match=r"benchmark_model \(1 threads\) on ABC123 timed out after 1 s"):
+    # timeout_s also bounds the start check (`benchmark_model --help`, one fake-adb process start):
+    # 5 s leaves that room on a loaded machine, and the hang (30 s) still outlasts it.
+    cfg = BenchArmConfig(models=(model,), out_dir=out, bench=DeviceBenchConfig(benchmark_model=bm, threads=(1,), timeout_s=5))
+    with pytest.raises(DeviceError, match=r"benchmark_model \(1 threads\) on ABC123 timed out after 5 s"):
         bench_arm(cfg)
     assert not out.exists()
     assert fake.shell_cmds()[-1].startswith("rm -rf ")

@@ -169,3 +169,9 @@ def test_ghostone_onnx(tmp_path: Path) -> None:
     # Its four whole-map AveragePools (56, 28, 14, 7 px) were rewritten to ReduceMean (the int8 head pitfall).
     assert len(rep["onnx"]["rewrites"]) == 4
     assert {f["format"]: f["passed"] for f in rep["formats"]} == {"fp32": True, "int8": True, "full-int8": True}
+    # A real trained model under int8, on real held-out faces (benchmarks/conversion.md: int8 0.62 px mean /
+    # 4.06 p99, full-int8 0.58 / 3.06). Bounds about twice that: the AvgPool head this model ships with,
+    # not rewritten, gave 6.0 px mean / 31 px max; the registry budget (3 / 16 px) would let half of that pass.
+    for f in ("int8", "full-int8"):
+        s = next(r for r in rep["formats"] if r["format"] == f)["shift"]
+        assert s["mean_px"] <= 1.2 and s["p99_px"] <= 8.0, (f, s)

@@ -27,15 +27,15 @@ from pfld_export.model import LandmarkModel, build_model  # noqa: E402
 from pfld_export.preprocess import Preprocess  # noqa: E402
 from pfld_export.qat import QATConfig, FakeQuantPFLD, _act_params, _predict, fake_quant_weight, qat  # noqa: E402
 
-from .test_export_pipeline import _briefly_fitted, _synthetic_crops  # noqa: E402
+from .conftest import briefly_fitted, synthetic_crops  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A 0.25X PFLD whose output follows synthetic faces (ridge-fitted FC), saved as a checkpoint."""
     tmp = tmp_path_factory.mktemp("qat")
-    crops, pts = _synthetic_crops(48, 11, tmp / "faces")
-    pfld = _briefly_fitted(0.25, crops, pts)
+    crops, pts = synthetic_crops(48, 11, tmp / "faces")
+    pfld = briefly_fitted(0.25, crops, pts)
     path = save_checkpoint(tmp / "fitted.pth", pfld, CheckpointMeta(model=pfld.config, preprocess=Preprocess()))
     yield {"path": path, "crops": crops, "tmp": tmp}
 
@@ -230,8 +230,8 @@ def test_convert_reference_must_match_points(fitted: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("value,ok", [("0.25px", True), ("0.25", True), ("0.25 PX", True), ("0.25pt", False)])
-def test_max_shift_takes_pixels_with_or_without_unit(value: str, ok: bool) -> None:
-    r = CliRunner().invoke(main, ["convert", "missing.pth", "--int8", "--max-shift", value])
+def test_max_shift_takes_pixels_with_or_without_unit(value: str, ok: bool, tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["convert", "missing.pth", "--int8", "--max-shift", value, "--out", str(tmp_path / "o")])
     assert r.exit_code != 0
     if ok:  # parsed, so the run got as far as the missing model
         assert "missing.pth does not exist" in r.output
@@ -365,3 +365,31 @@ def test_int8_noise_perturbs_every_requantized_tensor_in_training_only(monkeypat
     assert add_int8_noise(pfld, 0.0) == []
     with pytest.raises(UsageError, match="--int8-noise -1.0 must be >= 0"):
         add_int8_noise(pfld, -1.0)
+
+
+def test_int8_noise_refuses_an_unknown_block_and_leaves_the_model_as_it_was() -> None:
+    """A block that is not PFLD's inverted residual (here: the last one wrapped, same output) is
+    refused before any hook goes on: no hooks left anywhere, training output unchanged."""
+    from pfld_export.qat import add_int8_noise
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    pfld, _ = build_model(width=0.25, points=7)
+    last = pfld._blocks[-1]
+    setattr(pfld, last, Wrapped(getattr(pfld, last)))
+    pfld.train()  # the noise acts only in training: that is where a leftover hook would show
+    x = torch.rand(4, 3, 112, 112)
+    with torch.no_grad():
+        before = pfld(x)[1]
+    with pytest.raises(UsageError, match=rf"--int8-noise knows PFLD's inverted-residual blocks; {last} is a Wrapped"):
+        add_int8_noise(pfld, 8.0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pfld.modules())
+    with torch.no_grad():
+        assert torch.equal(pfld(x)[1], before)

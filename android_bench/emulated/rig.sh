@@ -11,9 +11,14 @@
 #   rig.sh exec CMD...   run CMD inside the rig's netns (e.g. `pfld-export bench-arm ...`)
 #   rig.sh test    build, start, run android_bench/emulated/test_*.py inside the netns, stop
 #
-# Only when a download from a package registry fails (apt, debootstrap's Debian mirror, PyPI)
-# does it print `ARM RIG NOT BUILT: <reason>` and exit 0; anything else, including a failing
-# test, exits non-zero.
+#   rig.sh classify-download LOG   print why a logged apt/debootstrap/pip run failed to download
+#                  (`network`, `repin: <package>`, or nothing with exit 1); see download_failure()
+#
+# Only when a package registry cannot be reached over the network (DNS, refused or timed-out
+# connections, after retries) does it print `ARM RIG NOT BUILT: <reason>` and exit 0. A registry
+# that answers but no longer has a pinned file (404) or serves a corrupt one (hash mismatch) is
+# not transient: it fails, naming the package to re-pin. Anything else, including a failing test,
+# exits non-zero.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,16 +63,88 @@ not_built() {
 retry() {
   local n=$1 t=$2 i; shift 2
   for ((i = 1; i <= n; i++)); do
-    if timeout "$t" "$@"; then return 0; fi
-    log "attempt $i/$n failed: $*"
+    local rc=0
+    timeout "$t" "$@" || rc=$?
+    [[ $rc -eq 0 ]] && return 0
+    # Said in the words download_failure() counts as network-level: a download that hangs is one.
+    [[ $rc -eq 124 ]] && log "attempt $i/$n timed out after $t s: $*"
+    log "attempt $i/$n failed (exit $rc): $*"
     sleep $((i * 5))
   done
   return 1
 }
 
-# Did a failed apt/debootstrap run fail to DOWNLOAD (mirror unreachable), rather than to install?
-download_failed() {
-  grep -qiE "Failed to fetch|Failed getting release|Couldn't download|Failed to download|Unable to fetch|Temporary failure resolving|Could not resolve|Connection refused|Connection timed out|Unable to connect|Network is unreachable|Hash Sum mismatch|404 +Not Found" "$1"
+# download_failure LOG: why a failed apt-get / debootstrap / pip run (its output in LOG) failed to
+# download. Prints one line and returns 0 for a download failure, returns 1 for anything else:
+#   network          the registry could not be reached (DNS, refused, timed out, unreachable):
+#                    transient, the only case that may skip the rig
+#   repin: <what>    the registry answered, but a pinned file is gone (404, no such version) or
+#                    corrupt (hash mismatch): retrying will not help, someone must re-pin <what>
+# A gone or corrupt file wins over network noise in the same log (apt fetches from several
+# hosts); pip's "no matching distribution" counts only when pip reached the index.
+NET_FAILURE_RE="Temporary failure resolving|Temporary failure in name resolution|Could not resolve|Name or service not known|Connection refused|Connection timed out|Connection reset|Could not connect|Unable to connect|Network is unreachable|No route to host|Failed to establish a new connection|NewConnectionError|ConnectTimeoutError|ReadTimeoutError|Read timed out|timed out after [0-9]+ s|network probe: cannot reach"
+download_failure() {
+  local log=$1 line what why
+  # apt: "Failed to fetch URL  404  Not Found [IP: ...]" / "Failed to fetch URL  Hash Sum mismatch"
+  # (apt first prints "Err:N URL suite pkg arch version" and the reason on the next line, without the URL.)
+  line=$(grep -m1 -E "Failed to fetch .*(404 +Not Found|Hash Sum mismatch)" "$log" || grep -m1 -E "404 +Not Found|Hash Sum mismatch" "$log" || true)
+  if [[ -n $line ]]; then
+    what=$(grep -oE "https?://[^ ]+" <<<"$line" | head -1 || true)
+    what=${what##*/}
+    what=$(printf '%b' "${what//%/\\x}")  # URL-encoded: adb_1%3a34.0.5-12~bpo12%2b1_amd64.deb
+    if [[ $what == *.deb ]]; then  # name_version_arch.deb -> "name version"
+      what=${what%.deb}; what=${what%_*}; what="${what%%_*} ${what#*_}"
+    fi
+    why="404 Not Found"; [[ $line == *"Hash Sum mismatch"* ]] && why="hash mismatch"
+    printf 'repin: %s (%s)\n' "${what:-$line}" "$why"
+    return 0
+  fi
+  # pip: a 404 on a file, or a wheel whose hash does not match.
+  line=$(grep -m1 -oE "HTTP error 404 while getting [^ ]+" "$log" || true)
+  if [[ -n $line ]]; then printf 'repin: %s (404 Not Found)\n' "${line##*/}"; return 0; fi
+  if grep -q "DO NOT MATCH THE HASHES" "$log"; then
+    what=$(grep -m1 -E "^ +[A-Za-z0-9_.-]+(==[^ ]+)? from https?://" "$log" | awk '{print $1}' || true)
+    printf 'repin: %s (hash mismatch)\n' "${what:-a package in the pip log}"
+    return 0
+  fi
+  if grep -qE "$NET_FAILURE_RE" "$log"; then
+    echo network
+    return 0
+  fi
+  # pip reached the index (no network error above), but the pinned version is not there (any more).
+  line=$(grep -m1 -oE "No matching distribution found for [^ ]+" "$log" || true)
+  if [[ -n $line ]]; then printf 'repin: %s (no such version on the index)\n' "${line##* }"; return 0; fi
+  # debootstrap does not say why a file failed: its caller probes the mirror first (probe_mirror),
+  # so a dead network is already in the log and matched above.
+  line=$(grep -m1 -oE "Couldn't download package [^ ]+ \(ver [^ ]+" "$log" || true)
+  if [[ -n $line ]]; then
+    what=${line#Couldn\'t download package }
+    printf 'repin: %s %s (the mirror answers without it)\n' "${what%% *}" "${what##* }"
+    return 0
+  fi
+  line=$(grep -m1 -oE "Failed getting release file [^ ]+" "$log" || true)
+  if [[ -n $line ]]; then printf 'repin: %s (the mirror answers without it: check DEBIAN_MIRROR and the suite)\n' "${line##* }"; return 0; fi
+  return 1
+}
+
+# probe_mirror URL LOG: append "network probe: cannot reach HOST:PORT" to LOG when a TCP connection
+# to URL's host fails (debootstrap's log does not say why a download failed).
+probe_mirror() {
+  local url=$1 log=$2 hostport host port
+  hostport=${url#*://}; hostport=${hostport%%/*}
+  host=${hostport%%:*}; port=${hostport##*:}
+  if [[ $port == "$hostport" ]]; then port=80; [[ $url == https://* ]] && port=443; fi
+  timeout 15 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null || echo "network probe: cannot reach $host:$port" >>"$log"
+}
+
+# download_verdict LOG WHAT: after a failed download step, return 0 when the network was at fault
+# (the caller returns $EX_DOWNLOAD and the rig is skipped), die naming the package to re-pin when the
+# registry answered without it, or return 1 when it was no download failure (the caller dies).
+download_verdict() {
+  local log=$1 what=$2 verdict
+  verdict=$(download_failure "$log") || return 1
+  [[ $verdict == network ]] && return 0
+  die "$what: ${verdict#repin: }; a pinned package vanished or is corrupt, which retrying will not fix: re-pin it (log: $log)"
 }
 
 need_root() { [[ $(id -u) -eq 0 ]] || die "the rig needs root (apt, debootstrap, chroot, ip netns); run it as root"; }
@@ -100,16 +177,16 @@ install_host_packages() {
   # `apt-get update` exits 0 even when a source is unreachable; -o APT::Update::Error-Mode=any makes
   # that an error so a dead mirror is reported as a download failure, not as a missing package.
   retry 3 300 apt-get "${APT_OPTS[@]}" -o APT::Update::Error-Mode=any -q update >>"$alog" 2>&1 \
-    || { download_failed "$alog" && return $EX_DOWNLOAD; die "apt-get update failed (log: $alog)"; }
+    || { download_verdict "$alog" "apt-get update" && return $EX_DOWNLOAD; die "apt-get update failed (log: $alog)"; }
   local inst=(env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends)
   if [[ ${#bpo[@]} -gt 0 ]]; then
     # adb 34 to match adbd 34; qemu 10 for ai-edge-litert 2.3.
     retry 3 600 "${inst[@]}" -t bookworm-backports "${bpo[@]}" >>"$alog" 2>&1 \
-      || { download_failed "$alog" && return $EX_DOWNLOAD; die "apt-get install ${bpo[*]} failed (log: $alog)"; }
+      || { download_verdict "$alog" "apt-get install ${bpo[*]}" && return $EX_DOWNLOAD; die "apt-get install ${bpo[*]} failed (log: $alog)"; }
   fi
   if [[ ${#main[@]} -gt 0 ]]; then
     retry 3 600 "${inst[@]}" "${main[@]}" >>"$alog" 2>&1 \
-      || { download_failed "$alog" && return $EX_DOWNLOAD; die "apt-get install ${main[*]} failed (log: $alog)"; }
+      || { download_verdict "$alog" "apt-get install ${main[*]}" && return $EX_DOWNLOAD; die "apt-get install ${main[*]} failed (log: $alog)"; }
   fi
 }
 
@@ -148,7 +225,8 @@ build_rootfs() {
     rm -rf "$tmp"; sleep $((i * 10))
   done
   if [[ $ok -ne 1 ]]; then
-    download_failed "$CACHE_DIR/debootstrap.log" && return $EX_DOWNLOAD
+    probe_mirror "$MIRROR" "$CACHE_DIR/debootstrap.log"
+    download_verdict "$CACHE_DIR/debootstrap.log" "debootstrap $SUITE from $MIRROR" && return $EX_DOWNLOAD
     die "debootstrap failed, and not for a download (log: $CACHE_DIR/debootstrap.log)"
   fi
   log "debootstrap second stage under qemu-aarch64 (several minutes)"
@@ -163,7 +241,9 @@ build_rootfs() {
       --target "$tmp/opt/pfld-litert" --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 \
       --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_27_aarch64 \
       --platform manylinux_2_28_aarch64 -c "$REPO/requirements.lock" \
-      "ai-edge-litert==$LITERT_VERSION" "numpy==$NUMPY_VERSION" || return $EX_DOWNLOAD
+      "ai-edge-litert==$LITERT_VERSION" "numpy==$NUMPY_VERSION" >"$CACHE_DIR/pip.log" 2>&1 \
+    || { download_verdict "$CACHE_DIR/pip.log" "pip install of the aarch64 wheels" && return $EX_DOWNLOAD
+         die "pip could not install the aarch64 wheels, and not for a download (log: $CACHE_DIR/pip.log)"; }
 
   mkdir -p "$tmp/data/local/tmp" "$tmp/etc"
   chmod 1777 "$tmp/data/local/tmp"
@@ -191,11 +271,11 @@ cmd_build() {
   need_root
   local t0=$SECONDS rc=0
   install_host_packages || rc=$?
-  [[ $rc -eq $EX_DOWNLOAD ]] && not_built "apt could not download adb/adbd/qemu-user-static/debootstrap (Debian mirror or bookworm-backports unreachable)"
+  [[ $rc -eq $EX_DOWNLOAD ]] && not_built "apt could not reach the Debian mirror for adb/adbd/qemu-user-static/debootstrap (network)"
   [[ $rc -eq 0 ]] || die "installing host packages failed"
   register_binfmt
   build_rootfs || rc=$?
-  [[ $rc -eq $EX_DOWNLOAD ]] && not_built "downloading the arm64 rootfs (debootstrap from $MIRROR) or the aarch64 ai-edge-litert wheel from PyPI failed"
+  [[ $rc -eq $EX_DOWNLOAD ]] && not_built "could not reach $MIRROR (debootstrap) or PyPI (aarch64 ai-edge-litert wheel) over the network"
   [[ $rc -eq 0 ]] || die "building the arm64 rootfs failed"
   install_adbd_into_rootfs
   # Sanity: the rootfs really is arm64 and its python really loads LiteRT.
@@ -293,11 +373,15 @@ cmd_test() {
   return $rc
 }
 
+# Sourced (tests of the functions above): define, run nothing.
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
+
 case "${1:-}" in
   build) cmd_build ;;
   start) cmd_build; cmd_start ;;
   stop) cmd_stop ;;
   exec) shift; cmd_exec "$@" ;;
   test) cmd_test ;;
-  *) echo "usage: $0 build|start|stop|exec CMD...|test" >&2; exit 2 ;;
+  classify-download) shift; download_failure "$@" ;;
+  *) echo "usage: $0 build|start|stop|exec CMD...|test|classify-download LOG" >&2; exit 2 ;;
 esac
