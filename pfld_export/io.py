@@ -43,16 +43,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     # Write failures (disk full, read-only folder, ...) become one `OutputError` here, the one
     # place every file passes through, instead of a traceback from whichever writer hit them.
     dest = Path(path)
-    _check_dir(dest)
-    # Hidden temp name in the same folder (same filesystem, so os.replace is atomic), keeping the
-    # destination's suffix because cv2.imwrite / savefig choose the format from it.
-    sfx = dest.suffix if suffix is None else suffix
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=sfx, dir=dest.parent)
-    except OSError as e:
-        raise _output_error(dest, e) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp_beside(dest, suffix)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -66,6 +57,22 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         if err is not None:
             raise err from None
         raise
+
+
+def _temp_beside(dest: Path, suffix: str | None) -> Path:
+    """An empty hidden temp file in `dest`'s folder (same filesystem, so os.replace is atomic).
+
+    It keeps the destination's suffix unless told otherwise, because cv2.imwrite / savefig choose
+    the format from it.
+    """
+    _check_dir(dest)
+    sfx = dest.suffix if suffix is None else suffix
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=sfx, dir=dest.parent)
+    except OSError as e:
+        raise _output_error(dest, e) from None
+    os.close(fd)
+    return Path(tmp)
 
 
 def _write_failure(dest: Path, e: BaseException) -> OutputError | None:
@@ -113,15 +120,9 @@ class FileSet:
     def path(self, dest: str | os.PathLike[str], suffix: str | None = None) -> Path:
         """A temp path to write `dest` into (the writer picks the format from its suffix)."""
         d = Path(dest)
-        _check_dir(d)
-        sfx = d.suffix if suffix is None else suffix
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{d.name}.tmp-", suffix=sfx, dir=d.parent)
-        except OSError as e:
-            raise _output_error(d, e) from None
-        os.close(fd)
-        self._staged.append((Path(tmp), d))
-        return Path(tmp)
+        tmp = _temp_beside(d, suffix)
+        self._staged.append((tmp, d))
+        return tmp
 
     def write_bytes(self, dest: str | os.PathLike[str], data: bytes) -> Path:
         tmp = self.path(dest)
