@@ -166,6 +166,19 @@ class TrainResult:
 Progress = Callable[[TrainEvent], None]
 
 
+@dataclass
+class PreparedData:
+    """Faces made elsewhere (e.g. teacher-labelled by `distil`): `train` uses them instead of
+    loading `cfg.data`, which then only names them (metadata, and the --resume consistency check).
+    `provenance` goes into the checkpoint metadata of a fresh run."""
+
+    train: list[Any]
+    val: list[Any]
+    layout: PointLayout
+    description: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration resolution
 
@@ -484,12 +497,13 @@ def _build(run: dict[str, Any], layout: PointLayout, init: LoadedModel | None) -
 # The run
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: Progress | None = None, prepared: PreparedData | None = None) -> TrainResult:
     """Train (or resume, or fine-tune) a PFLD network; see the module docstring.
 
     Writes `<out>/best.pth` (lowest validation NME; lowest training loss without validation),
     `<out>/last.pth` (resumable) and `<out>/history.json`. Raises typed `PfldError`s for bad
-    input; re-raises KeyboardInterrupt after saving a resumable `last.pth`.
+    input; re-raises KeyboardInterrupt after saving a resumable `last.pth`. `prepared` replaces
+    loading `cfg.data` (see `PreparedData`).
     """
     prev_threads = torch.get_num_threads()
     threads = cfg.threads or auto_threads()
@@ -497,7 +511,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
         # Thread count is process state in torch: set it for the run, give it back afterwards.
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, progress)
+        return _train(cfg, progress, prepared)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -521,7 +535,7 @@ def auto_threads() -> int | None:
     return 1 if load >= cores / 2 else None
 
 
-def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
+def _train(cfg: TrainConfig, progress: Progress | None, prepared: PreparedData | None = None) -> TrainResult:
     from torch.utils.data import DataLoader
 
     from .data.augment import AugmentConfig
@@ -555,7 +569,10 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
     torch.manual_seed(seed)  # here, never at import: model init and any torch randomness follow --seed
 
     emit(TrainEvent("setup", message=f"loading {run['data']}"))
-    train_records, val_records, layout, description = load_data(run, cfg)
+    if prepared is None:
+        train_records, val_records, layout, description = load_data(run, cfg)
+    else:
+        train_records, val_records, layout, description = prepared.train, prepared.val, prepared.layout, prepared.description
 
     if resumed is not None:
         model = resumed.model
@@ -568,7 +585,7 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
         provenance["resumed_from"] = str(cfg.resume)
     else:
         model, aux, preprocess, init_info = _build(run, layout, init_ckpt)
-        provenance = {"trained_by": "pfld-export train", **init_info}
+        provenance = {"trained_by": "pfld-export train", **init_info, **(prepared.provenance if prepared else {})}
         if init_info.get("new_head", True):  # from scratch, or --init with another point count
             init_head(model, mean_shape(train_records))
     if run.get("int8_noise"):  # None in runs saved before the option existed: off
@@ -701,6 +718,6 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
 
 
 __all__ = [
-    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "train", "train_step", "lr_at", "epoch_batches",
+    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "PreparedData", "train", "train_step", "lr_at", "epoch_batches",
     "validation_nme", "resolve_device", "data_kind", "load_data",
 ]
