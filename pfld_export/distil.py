@@ -50,9 +50,10 @@ import numpy as np
 from .data.records import FaceRecord
 from .errors import DataError, UsageError
 from .io import atomic_write_bytes, file_sha256
-from .layouts import PointLayout, get_layout
+from .layouts import PointLayout
 from .model import WIDTHS
 from .preprocess import CropTransform, crop_from_landmarks
+from .predict import model_layout
 from .runtime import Predictor
 from .train import PreparedData, TrainConfig, TrainEvent, TrainResult, train
 
@@ -187,15 +188,6 @@ def open_teacher(cfg: DistilConfig) -> Predictor:
             "(its crop is the box around the teacher's points): use a landmark model"
         )
     return pred
-
-
-def teacher_layout(pred: Predictor) -> PointLayout:
-    """The layout the teacher's points follow: its metadata's if it has that many points, else by count."""
-    try:
-        layout = get_layout(pred.preprocess.layout)
-    except UsageError:
-        layout = get_layout(pred.num_points)
-    return layout if layout.num_points == pred.num_points else get_layout(pred.num_points)
 
 
 def _ask(teacher: Predictor, crops: list[np.ndarray], tfs: list[CropTransform]) -> np.ndarray:
@@ -379,7 +371,7 @@ def distil(cfg: DistilConfig, progress: Callable[[TrainEvent], None] | None = No
     from .data.specs import split
 
     teacher = open_teacher(cfg)
-    layout = teacher_layout(teacher)
+    layout = model_layout(teacher)
     teacher_sha = file_sha256(cfg.teacher)
     key = _cache_key(cfg, teacher, teacher_sha)
     run = _resolved(cfg)
@@ -437,4 +429,4 @@ def distil(cfg: DistilConfig, progress: Callable[[TrainEvent], None] | None = No
 
 
 __all__ = ["DistilConfig", "DistilResult", "DataSource", "SourceLabels", "distil", "parse_source", "mix",
-           "open_teacher", "teacher_layout", "label_photos", "label_dataset", "MIN_POINTS", "DEFAULTS"]
+           "open_teacher", "label_photos", "label_dataset", "MIN_POINTS", "DEFAULTS"]
