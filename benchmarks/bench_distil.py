@@ -2,6 +2,8 @@
 
     python benchmarks/bench_distil.py [--epochs 10] [--width 0.25] [--variants mixed,synthetic-labels,distil-synthetic]
                                       [--out out/bench-distil] [--json benchmarks/results/distillation_w025.json]
+    python benchmarks/bench_distil.py --measure NAME=CKPT [--measure ...] [--convert CKPT] --json FILE
+        (measure / convert checkpoints made otherwise, e.g. runs continued with --resume; merged into FILE)
 
 Needs ../shared/fixtures (the GhostOne 98-point ONNX teacher, `unlabeled/` photos, `wflw98/`,
 `ibug68/`). The photos of `unlabeled/` are split by IMAGE (seeded): most are the distillation
@@ -115,6 +117,16 @@ def measure(model: Path, heldout: Path, teacher_pre: dict[str, Any] | None = Non
     return out
 
 
+def convert_int8(ckpt: Path, out: Path, calib: Path, held: Path) -> dict[str, Any]:
+    """`pfld-export convert CKPT --int8`, calibrated on the distillation photos, shifts on the held-out ones."""
+    cmd = [str(ROOT / ".venv" / "bin" / "pfld-export"), "convert", str(ckpt), "--int8", "--calib", str(calib),
+           "--val-images", str(held), "--eval-data", f"wflw:{FIX / 'wflw98'}", "--out", str(out), "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return {"command": " ".join(cmd[1:]), "rc": p.returncode,
+            "report": json.loads(p.stdout) if p.stdout.strip().startswith("{") else p.stdout[-2000:],
+            "stderr_tail": p.stderr[-1500:]}
+
+
 def steps_of(history_file: Path) -> int:
     return int(sum(h["steps"] for h in json.loads(history_file.read_text())["epochs"]))
 
@@ -137,9 +149,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-distil")
     ap.add_argument("--no-convert", action="store_true")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "distillation_w025.json")
+    ap.add_argument("--measure", action="append", default=[], metavar="NAME=CKPT", help="only measure these checkpoints")
+    ap.add_argument("--convert", type=Path, default=None, metavar="CKPT", help="with --measure: convert --int8 this one")
     args = ap.parse_args()
     if not TEACHER.is_file():
         sys.exit(f"bench_distil needs the fixtures at {FIX} (project machines only)")
+    if args.measure or args.convert:
+        train_dir, held_dir, _ = split_photos(args.out, args.holdout, seed=0)
+        res = json.loads(args.json.read_text()) if args.json.is_file() else {}
+        extra = res.setdefault("measured_later", {})
+        for item in args.measure:
+            name, _, ckpt = item.partition("=")
+            extra[name] = measure(Path(ckpt), held_dir)
+            atomic_write_json(args.json, res)
+        if args.convert:
+            res["convert"] = convert_int8(args.convert, args.out / f"{args.convert.parent.name}_convert", train_dir, held_dir)
+        res["measured_later_date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(args.json, res)
+        print(f"wrote {args.json}")
+        return
     from pfld_export.distil import DistilConfig, distil
     from pfld_export.train import TrainConfig, train
 
@@ -191,15 +219,7 @@ def main() -> None:
             "val_nme_vs_teacher": d2.train.best_val_nme, **measure(d2.train.best_checkpoint, held_dir)}
         atomic_write_json(args.json, res)
     if not args.no_convert:
-        conv = args.out / f"{tag}_mixed_convert"
-        cmd = [str(ROOT / ".venv" / "bin" / "pfld-export"), "convert", str(mixed_out / "best.pth"), "--int8",
-               "--calib", str(train_dir), "--val-images", str(held_dir), "--eval-data", f"wflw:{FIX / 'wflw98'}",
-               "--out", str(conv), "--json"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        res["convert_mixed"] = {"command": " ".join(cmd[1:]), "rc": p.returncode,
-                                "report": json.loads(p.stdout) if p.stdout.strip().startswith("{") else p.stdout[-2000:],
-                                "stderr_tail": p.stderr[-1500:]}
+        res["convert"] = convert_int8(mixed_out / "best.pth", args.out / f"{tag}_mixed_convert", train_dir, held_dir)
     res["load_avg_end"] = os.getloadavg()[0]
     atomic_write_json(args.json, res)
     print(f"wrote {args.json}")
