@@ -20,6 +20,7 @@ from pfld_export.errors import UsageError
 from pfld_export.io import file_sha256
 from pfld_export.model import build_model
 from pfld_export.preprocess import Preprocess
+from pfld_export.report import format_distil
 from pfld_export.runtime import open_predictor
 from pfld_export.train import init_head, mean_shape
 
@@ -82,6 +83,8 @@ def test_distil_end_to_end_student_predicts_teacher_points(tmp_path: Path, cache
     again = distil(DistilConfig(teacher=teacher, data=[SPEC], out=out, width=0.25, epochs=3, resume=out / "last.pth",
                                 cache_dir=cache, threads=1))
     assert again.labels_reused and len(again.train.history) == 3
+    text = format_distil(again)
+    assert "reused" in text and str(teacher) in text and "synthetic:24:5" in text
 
 
 def test_distil_cli_custom_layout_and_refusals(tmp_path: Path, cache: Path) -> None:
