@@ -17,6 +17,7 @@ help:
 	@echo "make bench-arm  MODEL=... [SERIAL=a,b | ALL_DEVICES=1] [BENCHMARK_MODEL=...] latency on adb devices"
 	@echo "make check      size / latency / accuracy regression gate against models/baselines.json"
 	@echo "make bench-int8 int8 fidelity ablation on real faces (needs ../shared/fixtures) -> benchmarks/int8_fidelity.md"
+	@echo "make bench-distil  label-free distillation from the GhostOne teacher, measured on real faces -> benchmarks/distillation.md"
 	@echo "make bench-int8-noise int8-robust training (train --int8-noise 4/8/16) measured on real faces -> benchmarks/int8_fidelity.md"
 
 install: $(STAMP)
@@ -116,3 +117,13 @@ bench-int8-noise: bench-int8-models
 	$(BIN)/python benchmarks/int8_ablation.py --model out/models/w025/best.pth $(foreach k,$(NOISE_LEVELS),--model out/models/w025_noise$(k)/best.pth) \
 		--variants converter,plain,mse,eq-both-mse,eq-bias-mse --json benchmarks/results/int8_noise_training_w025.json
 	$(BIN)/python benchmarks/int8_ablation.py --markdown benchmarks/results/int8_noise_training_w025.json
+# [bench-distil]
+# Label-free distillation (pfld-export distil) from the GhostOne 98-point ONNX teacher on the unlabeled fixture photos +
+# synthetic faces, against a student of synthetic labels at the same optimizer step count; NME on wflw98 / ibug68,
+# agreement with the teacher on held-out photos, convert --int8 of the distilled student. About 30 min on 2 busy cores.
+# Results: benchmarks/results/distillation_w025.json; summary by hand in benchmarks/distillation.md.
+DISTIL_EPOCHS ?= 10
+.PHONY: bench-distil
+bench-distil: install
+	@test -f ../shared/fixtures/checkpoints/pfld_ghostone_98pt.onnx || { echo "bench-distil needs ../shared/fixtures (project machines only)" >&2; exit 2; }
+	$(BIN)/python benchmarks/bench_distil.py --epochs $(DISTIL_EPOCHS) --width 0.25 --json benchmarks/results/distillation_w025.json

@@ -663,5 +663,88 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
     click.echo(to_json(report) if as_json else format_sensitivity(report, top))
 
 
+# [distil]
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False),
+              help="The model to imitate: our checkpoint, a PFLD-pytorch checkpoint, .onnx or .tflite (anything eval accepts).")
+@click.option("--data", "data", multiple=True,
+              help="SPEC[@WEIGHT], repeatable: a folder of face photos (faces found by --detector) or a dataset spec "
+                   "(synthetic[:N[:SEED]], wflw:DIR, 300w:DIR; their labels are not used). WEIGHT = share of the "
+                   "training samples (default 1)  [default: synthetic:2000]")
+@_preprocess_options
+@click.option("--width", type=float, default=None, help="Student width multiplier 0.25/0.5/0.75/1.0  [default: 0.25]")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
+@click.option("--batch", type=int, default=None, help="Batch size  [default: 32]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate  [default: 2e-3]")
+@click.option("--loss", type=click.Choice(["pfld", "l2", "wing"]), default=None, help="pfld weights by the teacher-derived pose  [default: pfld]")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning-rate schedule  [default: cosine]")
+@click.option("--val-fraction", type=float, default=None, help="Share of each source's images held out; val NME = agreement with the teacher  [default: 0.1]")
+@click.option("--detector", default="yunet", show_default=True, help="Face detector for photo folders: yunet, mtcnn, haar.")
+@click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Teacher crop side / the detector's landmark-equivalent box.")
+@click.option("--no-refine", is_flag=True, help="Label from the detector crop alone (default: a second teacher look at the box of its own points).")
+@click.option("--no-augment", is_flag=True, help="Plain crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
+@click.option("--out", default="out/distil", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for best.pth, last.pth, history.json and the cached teacher labels.")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a distil run from its last.pth.")
+@click.option("--seed", type=int, default=None, help="Seed for weights, split, mixing, order and augmentation  [default: 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA if present.")
+@click.option("--workers", type=click.IntRange(0, 1), default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: as train]")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@friendly
+def distil(teacher: str, data: tuple[str, ...], color: str | None, mean: str | None, std: str | None, width: float | None,
+           epochs: int, batch: int | None, lr: float | None, loss: str | None, schedule: str | None, val_fraction: float | None,
+           detector: str, crop_scale: float, no_refine: bool, no_augment: bool, out: str, resume: str | None,
+           seed: int | None, device: str, workers: int, threads: int | None, cache_dir: str | None, as_json: bool) -> None:
+    """Train a PFLD student to reproduce TEACHER's landmarks on unlabelled faces (no annotations needed)."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .distil import DEFAULT_DATA, DistilConfig, distil as run_distil
+    from .evaluate import parse_triple
+    from .report import format_distil, format_train_epoch, to_json
+    from .train import TrainEvent
+
+    cfg = DistilConfig(
+        teacher=Path(teacher), data=data or DEFAULT_DATA, out=Path(out), width=width, color=color.upper() if color else None,
+        mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), epochs=epochs, batch=batch, lr=lr, loss=loss,
+        schedule=schedule, seed=seed, val_fraction=val_fraction, detector=detector, crop_scale=crop_scale,
+        refine=not no_refine, augment=False if no_augment else None, resume=Path(resume) if resume else None,
+        device=device, workers=workers, threads=threads, cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=0, file=sys.stderr, disable=not tty, leave=False)
+
+    def label_progress(source: str, done: int, total: int) -> None:
+        bar.set_description(f"teacher on {source}"[:40], refresh=False)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def progress(ev: TrainEvent) -> None:
+        if ev.kind == "setup":
+            click.echo(f"distil: {ev.message}", err=True)
+        elif ev.kind == "step":
+            if bar.total != ev.steps or ev.step == 1:
+                bar.reset(total=ev.steps)
+                bar.set_description(f"epoch {ev.epoch}/{ev.epochs}", refresh=False)
+            bar.set_postfix(loss=f"{ev.loss:.4g}", refresh=False)
+            bar.update(ev.step - bar.n)
+        elif ev.kind == "epoch":
+            tqdm.write(format_train_epoch(ev.record or {}, ev.epochs), file=sys.stderr)
+
+    try:
+        result = run_distil(cfg, progress, label_progress)
+    except KeyboardInterrupt:
+        last = Path(out) / "last.pth"
+        click.echo(f"interrupted: resumable checkpoint saved at {last}; continue with --resume {last}"
+                   if last.exists() else "interrupted", err=True)
+        sys.exit(130)
+    finally:
+        bar.close()
+    click.echo(to_json(result) if as_json else format_distil(result))
+
+
 if __name__ == "__main__":
     main()

@@ -169,6 +169,21 @@ def format_train(result: Any) -> str:
     out.append(f"wall time   {result.wall_s:.1f} s on {on}")
     return "\n".join(out)
 
+# [distil]
+def format_distil(result: Any) -> str:
+    """`pfld-export distil` final report: the teacher, what it labelled, then the training report."""
+    t = result.teacher
+    rows = [(s.source, s.images, s.faces, s.train_faces, s.val_faces, s.samples_per_epoch, len(s.skipped))
+            for s in result.sources]
+    out = [f"teacher     {t['path']} ({t['backend']}, {t['points']} points, {t['layout']}, sha256 {t['sha256'][:16]}...)",
+           f"labels      {result.labels_file} ({'reused' if result.labels_reused else 'computed once'})", "",
+           table(["data", "images", "faces", "train", "val", "samples/epoch", "skipped"], rows), "",
+           format_train(result.train)]
+    if result.train.best_val_nme is not None:
+        out.append("(val NME here is the student's agreement with the teacher on held-out images)")
+    return "\n".join(out)
+
+
 def format_qat(result: Any) -> str:
     """`pfld-export train --qat` report: simulated int8 shift before/after on held-out faces."""
     b, a, d = result.simulated_int8_before, result.simulated_int8_after, result.float_drift

@@ -174,6 +174,19 @@ Progress = Callable[[TrainEvent], None]
 StepFn = Callable[..., LossOutput]
 
 
+@dataclass
+class PreparedData:
+    """Faces made elsewhere (e.g. teacher-labelled by `distil`): `train` uses them instead of
+    loading `cfg.data`, which then only names them (metadata, and the --resume consistency check).
+    `provenance` goes into the checkpoint metadata of a fresh run."""
+
+    train: list[Any]
+    val: list[Any]
+    layout: PointLayout
+    description: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration resolution
 
@@ -507,7 +520,8 @@ def _build(run: dict[str, Any], layout: PointLayout, init: LoadedModel | None) -
 # The run
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None, step: StepFn | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: Progress | None = None, step: StepFn | None = None,
+          prepared: PreparedData | None = None) -> TrainResult:
     """Train (or resume, or fine-tune) a PFLD network; see the module docstring.
 
     Writes `<out>/best.pth` (lowest validation NME; lowest training loss without validation),
@@ -517,7 +531,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, step: StepFn | Non
     Under torchrun (WORLD_SIZE etc. in the environment) every process calls this; they train one
     network with DDP over shards of each global batch (`distributed.py`), and only process 0
     writes files or calls `progress`. `step` replaces `train_step` (same signature; it is given
-    the DDP-wrapped networks when several processes train).
+    the DDP-wrapped networks when several processes train). `prepared` replaces loading
+    `cfg.data` (see `PreparedData`).
     """
     prev_threads = torch.get_num_threads()
     threads = cfg.threads or auto_threads()
@@ -528,7 +543,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, step: StepFn | Non
         ctx = context_from_env()
         device = process_device(resolve_device(cfg.device), ctx)
         with process_group(ctx, device):
-            return _train(cfg, progress if ctx.is_main else None, step or train_step, ctx, device)
+            return _train(cfg, progress if ctx.is_main else None, step or train_step, ctx, device, prepared)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -578,8 +593,10 @@ def _load_resume(cfg: TrainConfig, ctx: DistContext) -> LoadedModel | None:
 
 
 def _networks(run: dict[str, Any], layout: PointLayout, resumed: LoadedModel | None, init_ckpt: LoadedModel | None,
-              train_records: Sequence[Any], resume_path: Path | None) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
-    """(model, aux, preprocess, provenance) for a resumed, fine-tuned or fresh run."""
+              train_records: Sequence[Any], resume_path: Path | None,
+              data_provenance: dict[str, Any]) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
+    """(model, aux, preprocess, provenance) for a resumed, fine-tuned or fresh run; `data_provenance`
+    (where prepared faces came from) joins a fresh run's provenance."""
     if resumed is not None:
         aux = resumed.aux if resumed.aux is not None else AuxiliaryNet(resumed.model.tap_channels)
         if resumed.meta.model.points != layout.num_points:
@@ -590,7 +607,7 @@ def _networks(run: dict[str, Any], layout: PointLayout, resumed: LoadedModel | N
         model, preprocess = resumed.model, resumed.meta.preprocess
     else:
         model, aux, preprocess, init_info = _build(run, layout, init_ckpt)
-        provenance = {"trained_by": "pfld-export train", **init_info}
+        provenance = {"trained_by": "pfld-export train", **init_info, **data_provenance}
         if init_info.get("new_head", True):  # from scratch, or --init with another point count
             init_head(model, mean_shape(train_records))
     if run.get("int8_noise"):  # None in runs saved before the option existed: off
@@ -677,7 +694,8 @@ def _validate(st: _State, records: Sequence[Any], loop: _Loop, path: Path) -> fl
     return float(from_main(nme, loop.ctx))
 
 
-def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistContext, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistContext, device: torch.device,
+           prepared: PreparedData | None = None) -> TrainResult:
     from torch.utils.data import DataLoader
 
     from .data.augment import AugmentConfig
@@ -700,8 +718,12 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
     torch.manual_seed(seed)  # here, never at import: model init and any torch randomness follow --seed
 
     emit(TrainEvent("setup", message=f"loading {run['data']}"))
-    train_records, val_records, layout, description = load_data(run, cfg)
-    model, aux, preprocess, provenance = _networks(run, layout, resumed, init_ckpt, train_records, cfg.resume)
+    if prepared is None:
+        train_records, val_records, layout, description = load_data(run, cfg)
+    else:
+        train_records, val_records, layout, description = prepared.train, prepared.val, prepared.layout, prepared.description
+    model, aux, preprocess, provenance = _networks(run, layout, resumed, init_ckpt, train_records, cfg.resume,
+                                                   prepared.provenance if prepared else {})
     model.to(device).train()
     aux.to(device).train()
 
@@ -789,6 +811,6 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
 
 
 __all__ = [
-    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "StepFn", "train", "train_step", "batch_loss", "lr_at", "epoch_batches",
+    "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "StepFn", "PreparedData", "train", "train_step", "batch_loss", "lr_at", "epoch_batches",
     "validation_nme", "resolve_device", "data_kind", "load_data",
 ]
