@@ -18,9 +18,12 @@ from click.testing import CliRunner
 from pfld_export.bench.cost import (
     WINDOW,
     CostConfig,
+    arm_instructions_per_invoke,
+    find_arm_kit,
     find_valgrind,
     instructions_per_invoke,
     parse_dump_total,
+    parse_marks,
     read_dumps,
     simd_level,
 )
@@ -95,6 +98,23 @@ def test_config_and_input_errors_name_the_fix(tmp_path):
         find_valgrind("valgrind-that-is-not-installed")
 
 
+def test_arm_marks_parsing_and_a_missing_kit_names_the_make_target(tmp_path):
+    assert parse_marks("10\n17\n30\n1030\ntotal 5000\n") == [10, 17, 30, 1030]
+    with pytest.raises(CostError, match="did not exit normally"):
+        parse_marks("10\n17\n")
+    with pytest.raises(CostError, match="fewer models"):
+        parse_marks("10\noverflow 99\n")
+    with pytest.raises(ToolMissingError, match="make arm-cost-kit"):
+        find_arm_kit(tmp_path / "no-kit-here")
+
+
+def _arm_kit_or_skip() -> None:
+    try:
+        find_arm_kit()
+    except ToolMissingError as e:
+        pytest.skip(str(e))
+
+
 def test_cli_refuses_bad_input_in_one_line(tmp_path):
     res = CliRunner().invoke(main, ["cost", str(tmp_path / "absent.tflite")])
     assert res.exit_code == 2 and "Traceback" not in res.output and "does not exist" in res.output
@@ -152,3 +172,14 @@ def test_cli_json_and_out_file(stacks, tmp_path):
     assert doc["rows"][0]["instructions"] > 100_000 and doc["rows"][0]["threads"] == 1
     assert doc["env"]["isa"] == simd_level() and doc["window"] == WINDOW
     assert json.loads(res.output)["rows"][0]["instructions"] == doc["rows"][0]["instructions"]
+
+
+def test_arm_kit_counts_an_extra_conv_and_repeats_within_half_a_percent(stacks):
+    """On the ARM cost kit (qemu-user, a core without dot-product), where it is built."""
+    _arm_kit_or_skip()
+    res = arm_instructions_per_invoke([stacks["base"], stacks["extra_conv"]], CostConfig(invokes=2, warmup=1))
+    base_row, extra_row = res.rows
+    assert all(r.spread_rel <= 0.005 and r.instructions > 100_000 for r in res.rows)
+    assert res.isa.startswith("aarch64") and "dot-product" in res.isa and res.env["runtime"].startswith("ai-edge-litert")
+    growth = extra_row.instructions / base_row.instructions - 1.0
+    assert 0.03 < growth < 0.08, f"the extra conv should cost ~5 % on aarch64 too, measured {100 * growth:.1f} %"

@@ -273,3 +273,118 @@ def instructions_per_invoke(models: Sequence[str | os.PathLike[str]], cfg: CostC
     return CostResult(rows=rows, tool=f"callgrind ({tool})", isa=isa, window=WINDOW, config=asdict(cfg), machine=machine,
                       versions=versions, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       wall_s=time.perf_counter() - t0, env={"tool": tool, "isa": isa, "runtime": runtime})
+
+
+# --------------------------------------------------------------------------------------------
+# aarch64: the ARM cost kit (android_bench/cost/kit.sh) under qemu-user
+
+ARM_KIT_ENV = "PFLD_COST_KIT"
+ARM_KIT_GLOB = "/var/cache/pfld-export/arm-cost-kit-*"
+ARM_WINDOW = "marker calls around Interpreter.invoke(), the marker's own cost subtracted"
+# Empty marker pairs counted first: their median is the marker's own cost.
+_ARM_CALIB = 5
+
+
+def find_arm_kit(kit: str | os.PathLike[str] | None = None) -> Path:
+    """The built ARM cost kit: `kit`, else $PFLD_COST_KIT, else the newest under /var/cache/pfld-export."""
+    if kit is None and os.environ.get(ARM_KIT_ENV):
+        kit = os.environ[ARM_KIT_ENV]
+    if kit is not None:
+        candidates = [Path(kit)]
+    else:
+        import glob
+
+        candidates = sorted((Path(p) for p in glob.glob(ARM_KIT_GLOB) if not p.endswith(".tmp")),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+    for c in candidates:
+        if (c / ".complete").is_file() and (c / "run-aarch64").is_file():
+            return c
+    where = str(candidates[0]) if kit is not None else ARM_KIT_GLOB
+    raise ToolMissingError(f"the ARM cost kit is not built ({where}): run `make arm-cost-kit` (root, Debian; "
+                           "android_bench/cost/kit.sh build)")
+
+
+def guest_script() -> Path:
+    """android_bench/cost/guest_count.py of this checkout (it runs inside the aarch64 guest)."""
+    p = Path(__file__).resolve().parents[2] / "android_bench" / "cost" / "guest_count.py"
+    if not p.is_file():
+        raise ToolMissingError(f"{p} is missing: ARM counts run from a checkout of the repository")
+    return p
+
+
+def parse_marks(text: str) -> list[int]:
+    """The plugin's marks file: one count per marker, then `total N` (or `overflow N`)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines or not lines[-1].startswith(("total ", "overflow ")):
+        raise CostError("the pfld_count plugin wrote no totals line: the guest did not exit normally")
+    if lines[-1].startswith("overflow"):
+        raise CostError("the pfld_count plugin ran out of marker slots; count fewer models or invokes per call")
+    return [int(ln) for ln in lines[:-1]]
+
+
+def arm_instructions_per_invoke(models: Sequence[str | os.PathLike[str]], cfg: CostConfig | None = None,
+                                kit: str | os.PathLike[str] | None = None) -> CostResult:
+    """Count aarch64 instructions per `invoke()` of each .tflite on the ARM cost kit (qemu-user,
+    a core without dot-product, 1 thread): one guest process for all models.
+
+    The guest brackets each invoke with marker calls (`guest_count.py`), the plugin records the
+    count at each; the marker's own cost (median of empty pairs) is subtracted. Repeats agree to
+    ~0.01 % (Python's allocator moves a few hundred instructions), not to the instruction.
+    Raises as `instructions_per_invoke`, ToolMissingError when the kit is not built.
+    """
+    import json
+
+    cfg = cfg or CostConfig()
+    paths = [Path(m) for m in models]
+    if not paths:
+        raise UsageError("cost needs at least one .tflite model")
+    for p in paths:
+        if p.suffix != ".tflite" or not p.is_file():
+            raise UsageError(f"{p}: not an existing .tflite file; pass models that pfld-export convert wrote")
+    kit_dir = find_arm_kit(kit)
+    script = guest_script()
+    try:
+        info = json.loads((kit_dir / "kit.json").read_text())
+    except (OSError, ValueError):
+        raise ToolMissingError(f"{kit_dir}/kit.json is unreadable: rebuild the kit (make arm-cost-kit)") from None
+    total = cfg.warmup + cfg.invokes
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pfld-armcost-") as tmp:
+        marks_file = Path(tmp) / "marks.txt"
+        cmd = [str(kit_dir / "run-aarch64"), str(marks_file), str(script), str(cfg.threads), str(total), str(_ARM_CALIB),
+               *[str(p.absolute()) for p in paths]]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            raise CostError(f"the aarch64 guest took longer than {cfg.timeout_s:.0f} s for {len(paths)} model(s); "
+                            "count fewer models per call") from None
+        if proc.returncode != 0 or not marks_file.is_file():
+            tail = (proc.stderr.strip().splitlines() or [""])[-1]
+            raise CostError(f"the aarch64 guest exited with {proc.returncode} ({tail[:300]}); "
+                            f"check the kit with android_bench/cost/kit.sh check MODEL.tflite")
+        marks = parse_marks(marks_file.read_text())
+    expected = 2 * (_ARM_CALIB + total * len(paths))
+    if len(marks) != expected:
+        raise CostError(f"the guest made {len(marks)} marker calls, expected {expected}; guest_count.py and this module disagree")
+    pairs = [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
+    overhead = int(statistics.median(pairs[:_ARM_CALIB]))
+    rows = []
+    for i, p in enumerate(paths):
+        mine = [n - overhead for n in pairs[_ARM_CALIB + i * total:_ARM_CALIB + (i + 1) * total]]
+        counted = mine[cfg.warmup:]
+        med = int(statistics.median(counted))
+        if med <= 0:
+            raise CostError(f"{p}: no instructions counted between the markers; the runtime did not run the model")
+        spread = (max(counted) - min(counted)) / med
+        if spread > cfg.max_spread:
+            raise CostError(f"{p}: aarch64 invokes differ by {100 * spread:.2f} % ({min(counted):,}-{max(counted):,}), more than "
+                            f"{100 * cfg.max_spread:.2f} %")
+        rows.append(CostRow(name=p.stem, path=str(p), bytes=p.stat().st_size, threads=cfg.threads, instructions=med,
+                            per_invoke=counted, first_invoke=mine[0], spread_rel=spread))
+    cpu = str(info.get("cpu", "?"))
+    machine = {k: v for k, v in machine_info().items() if k != "loadavg_at_start"}
+    return CostResult(rows=rows, tool=f"pfld_count plugin on {info.get('qemu', 'qemu-user')}", isa=f"aarch64 {cpu} (no dot-product)",
+                      window=ARM_WINDOW, config=asdict(cfg), machine=machine, versions=tool_versions(),
+                      date=datetime.now(timezone.utc).isoformat(timespec="seconds"), wall_s=time.perf_counter() - t0,
+                      env={"tool": str(info.get("qemu", "")), "isa": f"aarch64-{cpu}", "runtime": str(info.get("runtime", "")),
+                           "kit": str(info.get("version", ""))})
