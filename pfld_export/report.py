@@ -274,7 +274,7 @@ def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
         f"Single-face invoke, preprocessing excluded; median of {c['repeats']} interleaved rounds x {c['runs']} runs "
         f"(+{c['warmup']} warm-up). **x torch** = model / PyTorch eager measured in the same round (median over rounds; "
         "lower is faster). **cpu x torch** = the same ratio of the invoking thread's CPU time at one thread: the figure "
-        "to compare across runs (the regression gate uses it), since absolute ms, and even wall-clock ratios, move "
+        "to compare across runs (the regression gate reports it; it gates instructions per inference), since absolute ms, and even wall-clock ratios, move "
         "with machine load. "
         "**SD845 (estimate)** is arithmetic from MACs (`pfld_export/bench/estimate.py`), *not a measurement*; "
         "measure a phone with `make bench-arm`. The reference row's size is its checkpoint file (a trained one also "

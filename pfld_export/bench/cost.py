@@ -14,7 +14,7 @@ instructions only while `WINDOW` (the TFLite Python wrapper's `Invoke`, the whol
 stack, and writes one profile dump after every call (`--dump-after`). So start-up, model
 loading, `allocate_tensors` and the XNNPACK graph build are never counted, each invoke has its
 own figure, and the first `warmup` invokes (the first one touches lazily initialised state:
-about 1,000 instructions more) are dropped. The result is the median of the rest; their
+7,000-17,000 instructions more on the gate's models) are dropped. The median of the rest is the figure; their
 spread is reported and must stay under `max_spread` (single-threaded invokes measured exact).
 
 What it is not: the host's cost. Valgrind emulates no AVX-512, so XNNPACK runs its AVX2
