@@ -246,3 +246,21 @@ def test_real_check_passes_on_main_and_fails_when_a_baseline_is_tightened(tmp_pa
     code, out = _run_check(path)
     assert code == 7, out
     assert "FAILED" in out and "int8" in out and "size" in out and "NME" in out
+
+
+def test_count_instructions_without_valgrind_says_why_and_update_refuses(tmp_path):
+    from pfld_export.bench.cost import CostConfig
+    from pfld_export.check import CheckConfig, count_instructions, run_check
+    from pfld_export.errors import ToolMissingError
+
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"not read: valgrind is looked up first")
+    cfg = CheckConfig(baseline=tmp_path / "b.json", cost=CostConfig(valgrind="valgrind-that-is-not-installed"))
+    counts, why = count_instructions([model], cfg)
+    assert counts is None and why.startswith("NOT MEASURED") and "apt-get install valgrind" in why
+    # --update without valgrind stops before any training or conversion: it would drop the counts.
+    upd = CheckConfig(baseline=tmp_path / "b.json", update=True, work_dir=tmp_path / "w", cache_dir=tmp_path / "c",
+                      cost=CostConfig(valgrind="valgrind-that-is-not-installed"))
+    with pytest.raises(ToolMissingError, match="valgrind"):
+        run_check(upd)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "b.json").exists()
