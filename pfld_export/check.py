@@ -393,7 +393,10 @@ class CheckConfig:
     formats: tuple[str, ...] | None = None  # None: every format in the export registry
     eval_data: str = EVAL_DATA
     bench: BenchConfig = field(default_factory=lambda: BenchConfig(threads=(1,), runs=40, warmup=10, repeats=7))
-    cost: CostConfig | None = field(default_factory=CostConfig)  # None: do not count instructions (they are then skipped)
+    # None: do not count instructions (they are then skipped). Two counted invokes: counts repeat to the
+    # instruction, so a third only costs time (callgrind runs ~50x slower than native); the timeout
+    # leaves room for a machine at load 17, where ten models took 17 min.
+    cost: CostConfig | None = field(default_factory=lambda: CostConfig(invokes=2, warmup=1, timeout_s=3600.0))
 
     def __post_init__(self) -> None:
         # Absolute: the converter runs onnx2tf in a temp cwd, where relative paths would dangle.
