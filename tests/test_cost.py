@@ -161,6 +161,7 @@ def test_gate_flags_an_extra_conv_and_not_a_rerun_under_load(stacks):
     assert f"{base_row.instructions:,}" in table and WINDOW in table
 
 
+@pytest.mark.slow
 @needs_valgrind
 def test_cli_json_and_out_file(stacks, tmp_path):
     import json
