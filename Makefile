@@ -15,7 +15,8 @@ help:
 	@echo "make test-slow  the slow end-to-end conversions on the real fixtures"
 	@echo "make bench      host latency benchmark -> benchmarks/results/"
 	@echo "make bench-arm  MODEL=... [SERIAL=a,b | ALL_DEVICES=1] [BENCHMARK_MODEL=...] latency on adb devices"
-	@echo "make check      size / latency / accuracy regression gate against models/baselines.json"
+	@echo "make check      size / instructions per inference / accuracy regression gate against models/baselines.json"
+	@echo "make cost       MODEL=... instructions per invoke on x86 (callgrind); make cost-arm MODEL=... on the ARM cost kit"
 	@echo "make bench-int8 int8 fidelity ablation on real faces (needs ../shared/fixtures) -> benchmarks/int8_fidelity.md"
 	@echo "make bench-distil  label-free distillation from the GhostOne teacher, measured on real faces -> benchmarks/distillation.md"
 	@echo "make bench-int8-noise int8-robust training (train --int8-noise 4/8/16) measured on real faces -> benchmarks/int8_fidelity.md"
@@ -81,7 +82,8 @@ arm-rig-stop:
 test-arm: install
 	bash android_bench/emulated/rig.sh test
 # [check]
-# CI regression gate: size / host latency (CPU-time ratio to PyTorch) / NME + shift vs models/baselines.json.
+# CI regression gate: size / instructions per inference (callgrind, 2 %) / NME + shift vs models/baselines.json;
+# the host latency (CPU-time ratio to PyTorch) is reported, not gated. Without valgrind the instruction rows say SKIPPED.
 # Reference checkpoints are seeded and cached in out/reference; conversions go to out/check.
 # make check [CHECK_ARGS="--update"]   (--update rewrites the baselines deliberately: review the diff)
 check: install
@@ -127,3 +129,20 @@ DISTIL_EPOCHS ?= 10
 bench-distil: install
 	@test -f ../shared/fixtures/checkpoints/pfld_ghostone_98pt.onnx || { echo "bench-distil needs ../shared/fixtures (project machines only)" >&2; exit 2; }
 	$(BIN)/python benchmarks/bench_distil.py --epochs $(DISTIL_EPOCHS) --width 0.25 --json benchmarks/results/distillation_w025.json
+
+# [cost]
+# Instructions per invoke() (pfld_export/bench/cost.py): x86 under valgrind's callgrind, and aarch64 on the ARM cost
+# kit (qemu-user 7.2 + our TCG plugin, a core without dot-product like the SD845's; built and cached in
+# /var/cache/pfld-export by android_bench/cost/kit.sh, root, Debian).
+# make cost MODEL="a.tflite b.tflite"   make arm-cost-kit   make cost-arm MODEL=...
+.PHONY: cost arm-cost-kit cost-arm
+cost: install
+	@test -n "$(MODEL)" || { echo "usage: make cost MODEL=path/to/model.tflite" >&2; exit 2; }
+	$(BIN)/pfld-export cost $(MODEL)
+
+arm-cost-kit: install
+	bash android_bench/cost/kit.sh build
+
+cost-arm: install
+	@test -n "$(MODEL)" || { echo "usage: make cost-arm MODEL=path/to/model.tflite" >&2; exit 2; }
+	bash android_bench/cost/kit.sh check $(MODEL)

@@ -744,6 +744,26 @@ def distil(teacher: str, data: tuple[str, ...], color: str | None, mean: str | N
     finally:
         bar.close()
     click.echo(to_json(result) if as_json else format_distil(result))
+# [cost]
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--invokes", default=3, show_default=True, type=click.IntRange(1, None), help="Counted invokes per model (median reported).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0, None), help="Invokes run first and not counted.")
+@click.option("--arm", is_flag=True, help="Count aarch64 instructions on the ARM cost kit (qemu, a core without dot-product) instead of x86.")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly
+def cost(models: tuple[str, ...], invokes: int, warmup: int, arm: bool, out_file: str | None, as_json: bool) -> None:
+    """Instructions per invoke() of .tflite models (callgrind on x86, or the ARM cost kit; 1 thread): a load-independent cost figure."""
+    from .bench.cost import CostConfig, arm_instructions_per_invoke, instructions_per_invoke
+    from .io import atomic_write_text
+    from .report import format_cost, to_json
+
+    count = arm_instructions_per_invoke if arm else instructions_per_invoke
+    result = count(models, CostConfig(invokes=invokes, warmup=warmup))
+    if out_file:
+        atomic_write_text(out_file, to_json(result) + "\n")
+    click.echo(to_json(result) if as_json else format_cost(result))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,13 @@ class DeviceError(PfldError):
     """adb / device problems (none attached, unauthorized, disappeared mid-run)."""
 
     exit_code = 8
+
+
+class CostError(PfldError):
+    """An instruction count could not be taken (the counting tool failed or saw no invoke)."""
+
+    exit_code = 9
+
+
+class ToolMissingError(CostError):
+    """The external tool a measurement needs (valgrind, the ARM cost kit) is not installed."""

@@ -292,7 +292,7 @@ def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
         f"Single-face invoke, preprocessing excluded; median of {c['repeats']} interleaved rounds x {c['runs']} runs "
         f"(+{c['warmup']} warm-up). **x torch** = model / PyTorch eager measured in the same round (median over rounds; "
         "lower is faster). **cpu x torch** = the same ratio of the invoking thread's CPU time at one thread: the figure "
-        "to compare across runs (the regression gate uses it), since absolute ms, and even wall-clock ratios, move "
+        "to compare across runs (the regression gate reports it; it gates instructions per inference), since absolute ms, and even wall-clock ratios, move "
         "with machine load. "
         "**SD845 (estimate)** is arithmetic from MACs (`pfld_export/bench/estimate.py`), *not a measurement*; "
         "measure a phone with `make bench-arm`. The reference row's size is its checkpoint file (a trained one also "
@@ -375,7 +375,7 @@ def format_bench_arm_devices(result: Any) -> str:
 def _check_value(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
-    if unit == "B":
+    if unit in ("B", "instr"):
         return f"{v:,.0f}"
     return f"{v:.4g}"
 
@@ -388,6 +388,7 @@ def format_check(result: Any, verbose: bool = False) -> str:
              _check_value(i.baseline, i.unit), _check_value(i.measured, i.unit), i.change,
              _check_value(i.limit, i.unit), i.status, i.note] for i in shown]
     n_ok = sum(1 for i in result.items if i.status == "ok")
+    n_gated = sum(1 for i in result.items if i.status not in ("info", "skipped"))
     fails = [i for i in result.items if i.failed]
     lines = []
     if rows:
@@ -395,15 +396,20 @@ def format_check(result: Any, verbose: bool = False) -> str:
     rec = result.baseline_recorded or {}
     mach = rec.get("machine", {})
     lines.append(f"baseline {result.baseline_path}: recorded {rec.get('date', '?')} on {mach.get('cpu', '?')} "
-                 f"({mach.get('logical_cores', '?')} cores)" + ("" if result.latency_gated else
-                                                                " - another CPU: latency reported, not gated"))
+                 f"({mach.get('logical_cores', '?')} cores)" + ("" if getattr(result, "cost_gated", True) else
+                                                                " - counted at another SIMD level: instructions reported, not gated"))
+    skipped = [i for i in result.items if i.status == "skipped"]
+    if skipped:
+        # Loud on purpose: a gate that did not look must not read like a gate that passed.
+        lines.append(f"SKIPPED: {len(skipped)} instruction checks were not measured ({getattr(result, 'cost_skipped', None) or 'no counts'}); "
+                     "the cost of these models is NOT gated on this machine")
     if result.updated:
         lines.append(f"updated {result.baseline_path} with {len(result.items)} gated values ({result.wall_s:.0f} s); review and commit the diff")
     elif fails:
-        lines.append(f"FAILED: {len(fails)} of {len(result.items)} checks moved past their tolerance ({result.wall_s:.0f} s): "
+        lines.append(f"FAILED: {len(fails)} of {n_gated} checks moved past their tolerance ({result.wall_s:.0f} s): "
                      + "; ".join(f"{i.model} {i.artifact} {i.label} {i.change}" for i in fails))
     else:
-        lines.append(f"passed: {n_ok} of {len(result.items)} checks within tolerance ({result.wall_s:.0f} s)")
+        lines.append(f"passed: {n_ok} of {n_gated} checks within tolerance ({result.wall_s:.0f} s)")
     return "\n".join(lines)
 
 
@@ -475,3 +481,20 @@ def format_int8_fit(fit: Any) -> str:
     if fit.met is not None:
         lines.append(f"budget       {'met on the search crops' if fit.met else 'NOT met on the search crops'}")
     return "\n".join(lines)
+
+
+# [cost]
+def format_cost(result: Any) -> str:
+    """`pfld-export cost`: instructions per invoke, one row per model."""
+    headers = ["model", "size", "thr", "instructions / invoke", "M", "spread", "first invoke", "counted"]
+    rows = [[r.name, human_bytes(r.bytes), r.threads, f"{r.instructions:,}", f"{r.instructions / 1e6:.2f}",
+             f"{100 * r.spread_rel:.3f} %", f"{r.first_invoke:,}",
+             len(r.per_invoke)] for r in result.rows]
+    c = result.config
+    return "\n".join([
+        table(headers, rows, align="llrrrrrr"),
+        "",
+        f"{result.tool}, window {result.window}; {c['warmup']} warm-up + {c['invokes']} counted invoke(s) per model, "
+        f"median shown; XNNPACK at {result.isa} under the tool (a regression metric, not the host's cost). "
+        f"{result.env.get('runtime', '')}, {result.wall_s:.0f} s.",
+    ])

@@ -13,15 +13,18 @@ from click.testing import CliRunner
 from pfld_export.check import (
     METRICS,
     SCHEMA,
+    CheckResult,
     Tolerances,
     baseline_document,
     compare,
     load_baseline,
+    same_cost_env,
     same_cpu,
     write_baseline,
 )
 from pfld_export.cli import main
 from pfld_export.errors import UsageError
+from pfld_export.report import format_check
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "models" / "baselines.json"
@@ -32,13 +35,15 @@ def _measured(**overrides: float) -> dict:
     """A measurement shaped like `check.measure`'s, with per-metric overrides `fmt__metric=value`."""
     arts = {
         "torch": {"nme": 0.080, "latency_ms": 3.6},
-        "fp32": {"bytes": 1_262_780, "latency_ratio": 0.17, "nme": 0.081, "shift_mean_px": 0.002, "shift_max_px": 0.01},
-        "int8": {"bytes": 404_160, "latency_ratio": 0.10, "nme": 0.085, "shift_mean_px": 0.6, "shift_max_px": 2.5},
+        "fp32": {"bytes": 1_262_780, "instructions": 40_000_000, "latency_ratio": 0.17, "nme": 0.081, "shift_mean_px": 0.002,
+                 "shift_max_px": 0.01},
+        "int8": {"bytes": 404_160, "instructions": 12_000_000, "latency_ratio": 0.10, "nme": 0.085, "shift_mean_px": 0.6,
+                 "shift_max_px": 2.5},
     }
     for k, v in overrides.items():
         fmt, metric = k.split("__")
         arts[fmt][metric] = v
-    return {"recorded": {"machine": dict(MACHINE), "date": "2026-01-01T00:00:00+00:00"},
+    return {"recorded": {"machine": dict(MACHINE), "date": "2026-01-01T00:00:00+00:00", "cost": {"isa": "avx2"}},
             "models": {"pfld025": {"artifacts": arts}}}
 
 
@@ -52,10 +57,11 @@ def _status(items, artifact: str, metric: str) -> str:
 
 def test_identical_measurement_passes_every_metric():
     items = compare(_baseline(), _measured())
-    assert items and all(i.status == "ok" for i in items)
-    gated = {(i.artifact, i.metric) for i in items}
-    assert ("int8", "bytes") in gated and ("torch", "nme") in gated and ("fp32", "latency_ratio") in gated
-    assert ("torch", "latency_ms") not in gated  # absolute ms are recorded, never gated
+    assert items and all(i.status == ("info" if i.metric == "latency_ratio" else "ok") for i in items)
+    gated = {(i.artifact, i.metric) for i in items if i.status == "ok"}
+    assert ("int8", "bytes") in gated and ("torch", "nme") in gated and ("fp32", "instructions") in gated
+    assert ("fp32", "latency_ratio") not in gated  # reported as info
+    assert ("torch", "latency_ms") not in {(i.artifact, i.metric) for i in items}  # absolute ms are recorded, never compared
 
 
 def test_size_growth_of_two_percent_fails_and_within_one_percent_passes():
@@ -74,18 +80,43 @@ def test_a_shrink_past_the_tolerance_is_an_improvement_not_a_failure():
     assert item.status == "improved" and not item.failed and "--update" in item.note
 
 
-def test_latency_ratio_worse_than_tolerance_fails_unless_baseline_is_from_another_cpu():
+def test_instructions_gate_at_two_percent_and_latency_ratio_is_only_reported():
     tol = Tolerances()
-    worse = 0.10 * (1 + tol.latency_ratio_rel) * 1.05
-    assert _status(compare(_baseline(), _measured(int8__latency_ratio=worse)), "int8", "latency_ratio") == "FAIL"
-    within = 0.10 * (1 + tol.latency_ratio_rel) * 0.95
-    assert _status(compare(_baseline(), _measured(int8__latency_ratio=within)), "int8", "latency_ratio") == "ok"
-    other_cpu = compare(_baseline(), _measured(int8__latency_ratio=worse), gate_latency=False)
-    item = next(i for i in other_cpu if i.artifact == "int8" and i.metric == "latency_ratio")
-    assert item.status == "warn" and not item.failed
-    # Only latency is relaxed on another CPU: size still fails there.
-    both = compare(_baseline(), _measured(int8__bytes=500_000), gate_latency=False)
-    assert _status(both, "int8", "bytes") == "FAIL"
+    assert tol.instructions_rel == 0.02
+    worse = compare(_baseline(), _measured(int8__instructions=12_000_000 * 1.025))
+    item = next(i for i in worse if i.artifact == "int8" and i.metric == "instructions")
+    assert item.status == "FAIL" and item.change == "+2.5 %" and item.limit == pytest.approx(12_240_000)
+    assert _status(compare(_baseline(), _measured(int8__instructions=12_000_000 * 1.015)), "int8", "instructions") == "ok"
+    # The CPU-time ratio twice as bad is a row of information, not a failure.
+    slow = compare(_baseline(), _measured(int8__latency_ratio=0.20))
+    item = next(i for i in slow if i.artifact == "int8" and i.metric == "latency_ratio")
+    assert item.status == "info" and not item.failed and item.change == "+100.0 %"
+    # Counted at another SIMD level (other XNNPACK kernels): warned, not gated; size still fails there.
+    other = compare(_baseline(), _measured(int8__instructions=13_000_000, int8__bytes=500_000), gate_cost=False)
+    assert _status(other, "int8", "instructions") == "warn"
+    assert _status(other, "int8", "bytes") == "FAIL"
+
+
+def test_without_valgrind_instruction_rows_are_skipped_loudly_not_passed():
+    measured = _measured()
+    for art in measured["models"]["pfld025"]["artifacts"].values():
+        art.pop("instructions", None)
+    why = "NOT MEASURED: valgrind is not installed"
+    items = compare(_baseline(), measured, cost_skipped=why)
+    skipped = [i for i in items if i.metric == "instructions"]
+    assert len(skipped) == 2 and all(i.status == "skipped" and not i.failed and i.note == why for i in skipped)
+    # Without a reason a missing count is a failure, as any missing metric.
+    assert _status(compare(_baseline(), measured), "int8", "instructions") == "missing"
+    result = CheckResult(passed=True, items=items, baseline_path="b.json", updated=False, latency_gated=True, cost_gated=True,
+                         cost_skipped=why, baseline_recorded={}, measured=measured, wall_s=1.0)
+    text = format_check(result)
+    assert "SKIPPED: 2 instruction checks" in text and "NOT gated" in text and why in text
+
+
+def test_cost_env_must_match_in_simd_level():
+    assert same_cost_env({"cost": {"isa": "avx2"}}, {"cost": {"isa": "avx2", "tool": "valgrind-3.22.0"}})
+    assert not same_cost_env({"cost": {"isa": "avx2"}}, {"cost": {"isa": "avx"}})
+    assert same_cost_env({}, {"cost": {"isa": "avx2"}})  # a baseline from before counts: nothing to compare
 
 
 def test_nme_and_shift_worse_than_budget_fail():
@@ -139,7 +170,7 @@ def test_update_writes_a_file_that_then_passes(tmp_path):
     assert loaded["schema"] == SCHEMA and loaded["tolerances"]["size_rel"] == 0.02
     assert loaded["models"]["pfld025"]["artifacts"]["int8"]["bytes"] == 410_000
     items = compare(loaded, measured)
-    assert items and all(i.status == "ok" for i in items)
+    assert items and all(i.status in ("ok", "info") for i in items)
     # ...and the old measurement, 1.4 % smaller, is now within the file's 2 % tolerance too.
     assert all(not i.failed for i in compare(loaded, _measured()))
 
@@ -171,9 +202,11 @@ def test_committed_baselines_are_valid_and_a_tightened_copy_fails():
     keys = {m.key for m in METRICS}
     for name, model in base["models"].items():
         for fmt in ("fp32", "fp16", "dynamic", "int8", "full-int8"):
-            assert {"bytes", "latency_ratio"} <= set(model["artifacts"][fmt]) <= keys | {"file", "latency_ms", "latency_ratio_wall"}, (name, fmt)
+            assert {"bytes", "instructions", "latency_ratio"} <= set(model["artifacts"][fmt]) <= keys | {
+                "file", "latency_ms", "latency_ratio_wall"}, (name, fmt)
+    assert base["tolerances"]["instructions_rel"] == 0.02 and base["recorded"]["cost"]["isa"]
     assert "nme" in base["models"]["pfld025-synthetic"]["artifacts"]["int8"]
-    assert all(i.status == "ok" for i in compare(base, base))
+    assert all(i.status == ("info" if i.metric == "latency_ratio" else "ok") for i in compare(base, base))
     tight = copy.deepcopy(base)
     tight["models"]["pfld025-synthetic"]["artifacts"]["int8"]["bytes"] = int(
         base["models"]["pfld025-synthetic"]["artifacts"]["int8"]["bytes"] * 0.97)
@@ -213,3 +246,21 @@ def test_real_check_passes_on_main_and_fails_when_a_baseline_is_tightened(tmp_pa
     code, out = _run_check(path)
     assert code == 7, out
     assert "FAILED" in out and "int8" in out and "size" in out and "NME" in out
+
+
+def test_count_instructions_without_valgrind_says_why_and_update_refuses(tmp_path):
+    from pfld_export.bench.cost import CostConfig
+    from pfld_export.check import CheckConfig, count_instructions, run_check
+    from pfld_export.errors import ToolMissingError
+
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"not read: valgrind is looked up first")
+    cfg = CheckConfig(baseline=tmp_path / "b.json", cost=CostConfig(valgrind="valgrind-that-is-not-installed"))
+    counts, why = count_instructions([model], cfg)
+    assert counts is None and why.startswith("NOT MEASURED") and "apt-get install valgrind" in why
+    # --update without valgrind stops before any training or conversion: it would drop the counts.
+    upd = CheckConfig(baseline=tmp_path / "b.json", update=True, work_dir=tmp_path / "w", cache_dir=tmp_path / "c",
+                      cost=CostConfig(valgrind="valgrind-that-is-not-installed"))
+    with pytest.raises(ToolMissingError, match="valgrind"):
+        run_check(upd)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "b.json").exists()

@@ -45,3 +45,29 @@ def test_bad_input_raises_usage_error(macs: object, precision: str, threads: int
 
 def test_label_is_marked_as_estimate() -> None:
     assert sd845_estimate(300_000_000, "fp32").label() == "~41 ms (est. 32-60)"
+
+
+def test_instruction_estimate_arithmetic_and_x86_conversion() -> None:
+    from pfld_export.bench.estimate import IPC, SD845_GHZ, X86_TO_AARCH64, sd845_estimate_from_instructions
+
+    arm = sd845_estimate_from_instructions(84_000_000, "aarch64")
+    assert arm.ms == pytest.approx(84e6 / (IPC[1] * SD845_GHZ * 1e9) * 1e3)  # 25 ms: 84 M at 1.2 IPC, 2.8 GHz
+    assert arm.low_ms == pytest.approx(84e6 / (IPC[2] * SD845_GHZ * 1e9) * 1e3)
+    assert arm.high_ms == pytest.approx(84e6 / (IPC[0] * SD845_GHZ * 1e9) * 1e3)
+    assert arm.instructions == 84_000_000 and arm.is_estimate and "not a measurement" in arm.method
+    x86 = sd845_estimate_from_instructions(100_000_000, "x86-avx2")
+    assert x86.ms == pytest.approx(sd845_estimate_from_instructions(int(100e6 * X86_TO_AARCH64["int8"][1]), "aarch64").ms)
+    fp32 = sd845_estimate_from_instructions(100_000_000, "x86-avx2", precision="fp32")
+    assert fp32.ms / x86.ms == pytest.approx(X86_TO_AARCH64["fp32"][1] / X86_TO_AARCH64["int8"][1])  # AVX2 is 8 floats wide
+    assert x86.low_ms < x86.ms < x86.high_ms and "x86-avx2" in x86.method and "dot-product" in x86.reference
+    four = sd845_estimate_from_instructions(84_000_000, "aarch64", threads=4)
+    assert arm.ms / four.ms == pytest.approx(thread_speedup(4)[1])
+
+
+@pytest.mark.parametrize("instructions,source,precision", [(0, "aarch64", "int8"), (1.5e6, "aarch64", "int8"),
+                                                           (10**6, "arm", "int8"), (10**6, "x86-avx2", "fp16")])
+def test_instruction_estimate_bad_input(instructions: object, source: str, precision: str) -> None:
+    from pfld_export.bench.estimate import sd845_estimate_from_instructions
+
+    with pytest.raises(UsageError):
+        sd845_estimate_from_instructions(instructions, source, 1, precision)  # type: ignore[arg-type]

@@ -1,6 +1,25 @@
-"""An ESTIMATE of per-face latency on a Snapdragon 845 big core, from MACs alone.
+"""An ESTIMATE of per-face latency on a Snapdragon 845 big core, from instructions or MACs.
 
+    sd845_estimate_from_instructions(instructions, source="aarch64"|"x86-avx2", threads=1) -> Estimate
     sd845_estimate(macs, precision, threads=1) -> Estimate(ms, low_ms, high_ms, method, reference)
+
+Both are estimates, not measurements: `make bench-arm` on a phone is the measurement. The
+instruction count is exact; the clock and especially the IPC are assumptions, hence the band.
+
+From instructions (preferred for int8, where counts exist; see `bench.cost`):
+
+    ms = aarch64 instructions per invoke / (IPC * 2.8 GHz)
+
+`SD845_GHZ` is the big cores' (Kryo 385 Gold, Cortex-A75 derivative) top clock. `IPC`
+(instructions per cycle, low/point/high) is the assumption: XNNPACK's int8 kernels without
+dot-product (the SD845 has none) are SMLAL-heavy NEON, and an A75 has two 64-bit ASIMD pipes,
+so a 128-bit multiply-accumulate (int8 SMLAL or fp32 FMLA) issues about once a cycle; loads,
+address arithmetic and the per-op scalar code issue alongside. Hence ~1.2, band 0.8-1.8 (memory
+stalls on 1X's larger tensors pull it down, small cache-resident 0.25X tensors up). The aarch64
+counts come from the ARM cost kit (`pfld-export cost --arm`: qemu-user, -cpu cortex-a53, no
+dot-product, LiteRT 2.1.6). Counts taken on x86 under valgrind (AVX2 kernels, LiteRT 2.3.0)
+are converted first with `X86_TO_AARCH64[precision]`: the ratio of the two counts of the same
+model, measured on both reference models (benchmarks/README.md, 2026-12-02).
 
 Use it when no phone is at hand; a measurement (`pfld-export bench-arm`) always wins. It is
 arithmetic, not a model of the chip:
@@ -64,6 +83,7 @@ class Estimate:
     method: str
     reference: str
     is_estimate: bool = True
+    instructions: int = 0  # what an instruction-based estimate started from (0: made from MACs)
 
     def label(self) -> str:
         """One line for tables: `~5.5 ms (est. 4.0-8.0)`."""
@@ -113,5 +133,61 @@ def sd845_estimate(macs: int, precision: Precision = "fp32", threads: int = 1) -
         threads=threads,
         macs=macs,
         method=method,
+        reference=reference,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# From instructions (see the module docstring for the assumption behind each constant)
+
+SD845_GHZ = 2.8
+IPC = (0.8, 1.2, 1.8)  # (low, point, high) aarch64 instructions per cycle on one A75-class core
+# aarch64 (ARM cost kit) / x86 (callgrind) instructions per invoke of the same model, measured
+# 2026-12-02 on the gate's models: int8 0.25X 12.55 M / 11.96 M = 1.05, 1X 114.5 M / 102.5 M =
+# 1.12; fp32 0.25X 12.02 M / 9.14 M = 1.32, 1X 132.0 M / 105.5 M = 1.25. (low, point, high)
+# spans both models.
+X86_TO_AARCH64: dict[str, tuple[float, float, float]] = {"int8": (1.04, 1.08, 1.13), "fp32": (1.24, 1.28, 1.33)}
+InstructionSource = Literal["aarch64", "x86-avx2"]
+
+
+def sd845_estimate_from_instructions(instructions: int, source: InstructionSource = "aarch64", threads: int = 1,
+                                     precision: Precision = "int8") -> Estimate:
+    """Estimate latency on Snapdragon 845 big core(s) from instructions per invoke.
+
+    `source` says where the count was taken: "aarch64" (the ARM cost kit, a core without
+    dot-product, used as is) or "x86-avx2" (`pfld-export cost` on x86, converted with
+    `X86_TO_AARCH64[precision]`). Raises UsageError on bad input.
+    """
+    if isinstance(instructions, bool) or not isinstance(instructions, numbers.Integral) or instructions <= 0:
+        raise UsageError(f"instructions must be a positive integer (instructions per invoke), got {instructions!r}")
+    if source not in ("aarch64", "x86-avx2"):
+        raise UsageError(f"source must be 'aarch64' or 'x86-avx2', got {source!r}")
+    if precision not in THROUGHPUT_GMACS:
+        raise UsageError(f"precision must be one of {sorted(THROUGHPUT_GMACS)}, got {precision!r}")
+    k = X86_TO_AARCH64[precision] if source == "x86-avx2" else (1.0, 1.0, 1.0)
+    s_low, s_mid, s_high = thread_speedup(threads)
+    n = int(instructions)
+    to_ms = lambda arm, ipc, speed: arm / (ipc * SD845_GHZ * 1e9 * speed) * 1e3  # noqa: E731
+    arm_mid = n * k[1]
+    method = (
+        f"instructions / (IPC x clock): {n / 1e6:.1f} M {source} instructions"
+        + (f" x {k[1]:.2f} (band {k[0]:.2f}-{k[2]:.2f}) = {arm_mid / 1e6:.1f} M aarch64" if source != "aarch64" else "")
+        + f" at IPC {IPC[1]} (band {IPC[0]}-{IPC[2]}) x {SD845_GHZ} GHz, x{s_mid:.2f} for {threads} thread(s);"
+        " an estimate, not a measurement"
+    )
+    reference = (
+        f"Snapdragon 845 big core (Kryo 385 Gold, Cortex-A75 class, {SD845_GHZ} GHz, no dot-product); assumed IPC "
+        f"{IPC[0]}-{IPC[2]} for XNNPACK's NEON kernels without dot-product (two 64-bit ASIMD pipes)"
+        + (f"; x86 AVX2 {precision} counts x {k[0]}-{k[2]} to aarch64" if source != "aarch64" else "")
+    )
+    return Estimate(
+        ms=to_ms(arm_mid, IPC[1], s_mid),
+        low_ms=to_ms(n * k[0], IPC[2], s_high),
+        high_ms=to_ms(n * k[2], IPC[0], s_low),
+        precision=precision,
+        threads=threads,
+        macs=0,
+        method=method,
+        instructions=n,
         reference=reference,
     )
