@@ -335,39 +335,3 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
-
-
-@dataclass
-class ModelInfo:
-    """What `pfld-export info` shows."""
-
-    path: str
-    source_format: str
-    width: float
-    points: int
-    conv2: str
-    head_bn: bool
-    layout: str
-    parameters: int
-    macs: int
-    float32_bytes: int
-    int8_bytes: int
-    has_auxiliary: bool
-    preprocess: dict[str, Any]
-    epoch: int | None = None
-
-
-def model_info(path: str | os.PathLike[str]) -> ModelInfo:
-    """Inferred configuration and cost of the inference network (auxiliary branch excluded)."""
-    from .model import count_parameters, macs
-
-    loaded = load_checkpoint(path)
-    net = loaded.inference_model()
-    n = count_parameters(net)
-    epoch = loaded.extra.get("epoch", loaded.meta.training.get("epoch"))
-    return ModelInfo(
-        path=str(path), source_format=loaded.meta.source_format, width=loaded.meta.model.width,
-        points=loaded.meta.model.points, conv2=loaded.meta.model.conv2, head_bn=loaded.meta.model.head_bn, layout=loaded.meta.preprocess.layout,
-        parameters=n, macs=macs(net), float32_bytes=4 * n, int8_bytes=n, has_auxiliary=loaded.aux is not None,
-        preprocess=loaded.meta.preprocess.to_dict(), epoch=int(epoch) if epoch is not None else None,
-    )
