@@ -35,16 +35,16 @@ _PFLD_KEYS = ("conv1.weight", "conv2.weight", "conv3_1.conv.0.weight", "conv6_1.
 class CheckpointMeta:
     """Everything besides weights: what the network is, how to feed it, where it came from."""
 
-    model: ModelConfig
+    model: ModelConfig | None  # None: a --model-class network (its own code defines it)
     preprocess: Preprocess
-    source_format: str = FORMAT_NAME  # pfld-export | pfld-pytorch | bare-state-dict
+    source_format: str = FORMAT_NAME  # pfld-export | pfld-pytorch | bare-state-dict | model-class
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.to_dict(),
+            "model": self.model.to_dict() if self.model is not None else None,
             "preprocess": self.preprocess.to_dict(),
             "source_format": self.source_format,
             "provenance": self.provenance,
@@ -76,10 +76,35 @@ class LoadedModel:
     meta: CheckpointMeta
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    wrapper: torch.nn.Module | None = None  # a --model-class network's landmarks-only wrapper
 
-    def inference_model(self) -> LandmarkModel:
-        """The export/inference wrapper: auxiliary branch dropped, landmarks only."""
+    def inference_model(self) -> torch.nn.Module:
+        """The export/inference wrapper: auxiliary branch dropped, landmarks [N, 2P] only."""
+        if self.wrapper is not None:
+            return self.wrapper.eval()
         return LandmarkModel(self.model).eval()
+
+    @property
+    def num_points(self) -> int:
+        return self.meta.model.points if self.meta.model is not None else int(self.meta.provenance["points"])
+
+
+def read_torch_file(path: Path) -> Any:
+    """`torch.load(weights_only=True)` on the CPU, every failure a typed one-line error."""
+    return _torch_load(path)
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside the usual wrappers (`state_dict`, `pfld_backbone` / `plfd_backbone`,
+    `model`, `net`; DataParallel's `module.` prefix)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in ("state_dict", "pfld_backbone", "plfd_backbone", "model", "net", "model_state_dict") if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            raise CheckpointError(f"{path}: no state dict found (keys {list(obj)[:5]}); save it with torch.save(model.state_dict(), path)")
+        obj = obj[key]
+    return _strip_prefix({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
 def _torch_load(path: Path) -> Any:

@@ -349,6 +349,10 @@ def _format_names() -> str:
 @click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation the checkpoint was trained with  [default: measured in stage 0]")
 @click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="Whether the checkpoint's forward applies bn8 after conv8  [default: read from its statistics, measured where they cannot tell]")
 @click.option("--reference-onnx", type=click.Path(dir_okay=False), default=None, help="The checkpoint author's own ONNX export: stage 0 refuses to convert unless our network reproduces it (1e-4).")
+@click.option("--model-class", default=None, help="Your own network for a checkpoint outside the PFLD family: path/to/models.py:ClassName (its code is imported only with this flag).")
+@click.option("--model-args", default=None, help="--model-class constructor arguments as a JSON object, e.g. '{\"width_factor\": 1, \"landmark_number\": 98}'.")
+@click.option("--output-index", type=int, default=None, help="--model-class: which returned tensor holds the landmarks  [default: the one with 2N values]")
+@click.option("--output-scale", type=float, default=None, help="--model-class: factor bringing the landmarks to [0, 1] of the crop  [default: detected; pixels -> 1/size]")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @friendly
 def convert(model: str, int8: bool, formats: str | None, calib: str | None, calib_count: int, val_images: str | None,
@@ -356,7 +360,9 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
             mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool, max_shift: float | None = None,
             max_shift_p99: float | None = None, max_nme_increase: float | None = None, int8_methods: str | None = None,
             max_float_ops: int = 16, max_slowdown: float | None = 1.15, reference: str | None = None,
-            activation: str | None = None, bn8: str | None = None, reference_onnx: str | None = None) -> None:
+            activation: str | None = None, bn8: str | None = None, reference_onnx: str | None = None,
+            model_class: str | None = None, model_args: str | None = None, output_index: int | None = None,
+            output_scale: float | None = None) -> None:
     """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
     import os
     from pathlib import Path
@@ -375,6 +381,7 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
         int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
         max_float_ops=max_float_ops, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
         activation=activation, bn8=None if bn8 is None else bn8 == "on", reference_onnx=Path(reference_onnx) if reference_onnx else None,
+        model_class=model_class, model_args=model_args, output_index=output_index, output_scale=output_scale,
     )
     bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 

@@ -27,7 +27,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -56,6 +56,7 @@ FIELD_FLAGS: dict[str, str] = {"activation": "--activation relu|relu6", "head_bn
                                "preprocess": "--color BGR|RGB --mean M --std S"}
 # Source formats whose training code fixes the preprocessing (PFLD-pytorch: cv2.imread, ToTensor).
 CONVENTIONS: dict[str, Preprocess] = {"pfld-pytorch": Preprocess(), "bare-state-dict": Preprocess()}
+OWN_FORMAT = "pfld-export"
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,22 @@ def resolve(
     `reference_onnx` disagrees with every candidate.
     """
     flags = dict(flags or {})
-    base = load_checkpoint(path, preprocess=preprocess, overrides=flags)
+    return resolve_with(lambda combo: load_checkpoint(path, preprocess=preprocess, overrides={**flags, **combo}),
+                        Path(path), crops, crops_what, flags, preprocess, reference_onnx)
+
+
+def resolve_with(
+    load: Callable[[dict[str, Any]], LoadedModel],
+    path: Path,
+    crops: np.ndarray | None,
+    crops_what: str,
+    flags: Mapping[str, Any],
+    preprocess: Preprocess | None,
+    reference_onnx: str | os.PathLike[str] | None = None,
+) -> tuple[LoadedModel, Stage0Result]:
+    """`resolve` for any loader: `load(choices)` builds the network with those open fields set
+    (a `--model-class` network has none open; only its preprocessing may be)."""
+    base = load({})
     if crops is None:
         crops = synthetic_crops(size=base.meta.preprocess.input_size)
         crops_what = "synthetic faces"
@@ -169,7 +185,7 @@ def resolve(
         crops = crops[np.linspace(0, len(crops) - 1, MAX_FACES).round().astype(int)]
     opened = [f for f in base.meta.provenance.get("open", []) if f not in flags]
     how: dict[str, str] = {k: "flag" for k in flags}
-    foreign = base.meta.source_format != "pfld-export"
+    foreign = base.meta.source_format != OWN_FORMAT
     pre_fixed = preprocess is not None or not foreign
     convention = None if pre_fixed else CONVENTIONS.get(base.meta.source_format)
     base_pre = base.meta.preprocess
@@ -181,7 +197,7 @@ def resolve(
     preds: dict[tuple[Any, ...], np.ndarray] = {}
     for combo in combos:
         key = tuple(combo.values())
-        loaded_by[key] = base if not combo else load_checkpoint(path, preprocess=preprocess, overrides={**flags, **combo})
+        loaded_by[key] = base if not combo else load(combo)
         for i, pre in enumerate(pres):
             pts = _predict(loaded_by[key], pre, crops)
             preds[key + (i,)] = pts
@@ -304,7 +320,7 @@ def _match_reference(path: str | os.PathLike[str], loaded_by: dict[tuple[Any, ..
     rand = rng.random((RANDOM_INPUTS, 3, size, size), dtype=np.float32)
     x = np.concatenate([rand, real], 0).astype(np.float32)
     any_loaded = next(iter(loaded_by.values()))
-    ref = reference_outputs(path, x, 2 * any_loaded.meta.model.points)
+    ref = reference_outputs(path, x, 2 * any_loaded.num_points)
     diffs: dict[tuple[Any, ...], float] = {}
     for key, loaded in loaded_by.items():
         with torch.no_grad():

@@ -71,6 +71,11 @@ class ConvertConfig:
     activation: str | None = None
     bn8: bool | None = None
     reference_onnx: Path | None = None
+    # Bring your own network (usermodel.py): FILE:Class, constructor JSON, landmark output, its scale.
+    model_class: str | None = None
+    model_args: str | None = None
+    output_index: int | None = None
+    output_scale: float | None = None
 
 
 @dataclass
@@ -219,6 +224,8 @@ def load_source(cfg: ConvertConfig) -> Source:
         pre = dataclasses.replace(base, **override)
         ref.preprocess = pre
         return Source(kind="onnx", path=path, preprocess=pre, reference=ref, model=model)
+    if cfg.model_class is not None:
+        return _user_source(cfg, path, override)
     from ..checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
@@ -243,18 +250,40 @@ def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
     override = _pre_override(cfg)
     explicit = dataclasses.replace(src.preprocess, **override) if override else None
     what = "synthetic faces" if is_synthetic(cfg.calib or "synthetic") else "calibration faces"
-    loaded, result = stage0.resolve(src.path, calib.crops, what, flags, explicit, cfg.reference_onnx)
+    if cfg.model_class is not None:
+        if flags:
+            raise UsageError("--activation / --bn8 describe the built-in PFLD; a --model-class network is defined by its own code")
+        user = src.loaded
+        loaded, result = stage0.resolve_with(lambda _: user, src.path, calib.crops, what, {}, explicit, cfg.reference_onnx)
+    else:
+        loaded, result = stage0.resolve(src.path, calib.crops, what, flags, explicit, cfg.reference_onnx)
     if result.reference is None:
         stage0.require_plausible(result, src.path.name)
     src.loaded, src.preprocess = loaded, loaded.meta.preprocess
-    src.model = loaded.meta.model.to_dict()
+    src.model = loaded.meta.model.to_dict() if loaded.meta.model is not None else None
     src.reference = TorchPredictor(path=src.path, preprocess=src.preprocess, module=loaded.inference_model(),
-                                   num_points=loaded.meta.model.points, name=src.path.name)
+                                   num_points=loaded.num_points, name=src.path.name)
     return result
 
 
 def _pre_override(cfg: ConvertConfig) -> dict[str, Any]:
     return {k: v for k, v in (("color", cfg.color), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+
+
+def _user_source(cfg: ConvertConfig, path: Path, override: dict[str, Any]) -> Source:
+    """A --model-class network: the user's class, its weights, the landmark output picked."""
+    from ..preprocess import Preprocess
+    from ..stage0 import synthetic_crops
+    from ..usermodel import ModelClassSpec, load_user_model
+
+    if cfg.width is not None:
+        raise UsageError("--width describes PFLD's multiplier; a --model-class network has none: drop --width")
+    spec = ModelClassSpec.parse(cfg.model_class or "", cfg.model_args, cfg.output_index, cfg.output_scale)
+    explicit = Preprocess(input_size=spec.input_size, **override) if override else None
+    loaded = load_user_model(spec, path, synthetic_crops(16, spec.input_size), explicit)
+    pre = loaded.meta.preprocess
+    ref = TorchPredictor(path=path, preprocess=pre, module=loaded.inference_model(), num_points=loaded.num_points, name=path.name)
+    return Source(kind="checkpoint", path=path, preprocess=pre, reference=ref, model=None, loaded=loaded)
 
 
 def _reference(cfg: ConvertConfig, src: Source) -> Predictor:
