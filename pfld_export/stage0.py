@@ -94,7 +94,9 @@ class Stage0Result:
             parts.append(f"reference ONNX max diff {self.reference['max_diff']:.2g}")
         p = self.plausibility
         parts.append(f"{100 * p.outside:.1f} % points outside the crop on {self.faces} {self.crops}")
-        parts += [f"{k} margin {v:.3f}" for k, v in self.margins.items()]
+        # A kept convention's "margin" is how far the best other candidate was ahead (under MARGIN).
+        parts += [f"{k} margin {v:.3f}" if v >= 0 else f"{k}: best other candidate ahead by {-v:.3f} (< {MARGIN}), convention kept"
+                  for k, v in self.margins.items()]
         return "; ".join(parts)
 
 

@@ -212,3 +212,28 @@ def test_unknown_keys_name_closest_layout_first_mismatch_and_model_class(tmp_pat
     msg = str(e.value)
     assert "closest known layout: PFLD-pytorch" in msg and "first missing tensor conv1.weight" in msg
     assert "--model-class" in msg and "\n" not in msg
+
+
+# --- stage 0 on the real fork checkpoint and its author's export ---
+
+def test_stage0_fork_activation_matches_its_authors_export() -> None:
+    from pfld_export.errors import ToleranceError
+    from pfld_export.stage0 import resolve, synthetic_crops
+
+    ckpt = fixture_path("checkpoints", "pfld17_w050_relu6_epoch68.pth.tar")
+    ref = fixture_path("checkpoints", "pfld17_w050_relu6_epoch68_fork_export.onnx")
+    crops = synthetic_crops(12)
+    loaded, res = resolve(ckpt, crops, preprocess=Preprocess(layout="custom17"), reference_onnx=ref)
+    assert loaded.meta.model.activation == "relu6" and res.reference is not None and res.reference["max_diff"] <= 1e-4
+    assert res.reference["candidates"]["relu"] > 0.1  # plain ReLU is a different network
+    with pytest.raises(ToleranceError, match="stage 0"):
+        resolve(ckpt, crops, flags={"activation": "relu"}, preprocess=Preprocess(layout="custom17"), reference_onnx=ref)
+
+
+def test_stage0_measures_relu6_on_faces_without_a_reference() -> None:
+    from pfld_export.stage0 import resolve, synthetic_crops
+
+    ckpt = fixture_path("checkpoints", "pfld17_w050_relu6_epoch68.pth.tar")
+    loaded, res = resolve(ckpt, synthetic_crops(24), preprocess=Preprocess(layout="custom17"))
+    assert loaded.meta.model.activation == "relu6" and res.how["activation"] == "measured"
+    assert res.margins["activation"] >= 0.02 and res.plausibility.outside <= 0.02
