@@ -277,6 +277,8 @@ def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -
 
     meta = onnx_metadata(path)
     if preprocess is None:
+        # A foreign ONNX without our metadata is opened with the defaults only by `open_predictor`,
+        # which measures (or refuses) before anything is predicted with them.
         preprocess = Preprocess.from_dict(json.loads(meta[ONNX_META_PREPROCESS])) if ONNX_META_PREPROCESS in meta else Preprocess()
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -329,12 +331,29 @@ _OPENERS: dict[str, Callable[[Path, Preprocess | None, int | None], Predictor]] 
 }
 
 
-def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None = None, threads: int | None = None) -> Predictor:
-    """Open a checkpoint, `.onnx` or `.tflite` as a Predictor. `preprocess` overrides metadata."""
+def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None = None, threads: int | None = None,
+                   overrides: dict[str, Any] | None = None) -> Predictor:
+    """Open a checkpoint, `.onnx` or `.tflite` as a Predictor. `preprocess` replaces metadata;
+    `overrides` (color / mean / std, from flags) replace fields of it. A foreign ONNX without our
+    metadata has its missing fields measured on face crops (`stage0`) or is refused naming the flags."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"model {p} does not exist; check the path")
     opener = _OPENERS.get(p.suffix.lower())
     if opener is None:
         raise UsageError(f"{p}: unknown model type {p.suffix!r}; use a checkpoint ({', '.join(TORCH_SUFFIXES)}), .onnx or .tflite")
-    return opener(p, preprocess, threads)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if preprocess is None and p.suffix.lower() == ".onnx" and ONNX_META_PREPROCESS not in onnx_metadata(p):
+        if {"color", "mean", "std"} <= set(given):
+            preprocess = Preprocess(**given)
+        else:
+            from .stage0 import measure_onnx_preprocess
+
+            preprocess = measure_onnx_preprocess(p, given)[0]
+        given = {}
+    pred = opener(p, preprocess, threads)
+    if given:
+        import dataclasses
+
+        pred = opener(p, dataclasses.replace(pred.preprocess, **given), threads)
+    return pred

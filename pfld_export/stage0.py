@@ -398,3 +398,48 @@ def model_info(path: str | os.PathLike[str], calib: str | None = None, flags: Ma
         conv_bias=m.conv_bias, head=m.head, input_size=m.input_size, sources=dict(loaded.meta.provenance.get("inferred", {})),
         stage0=result.summary(),
     )
+
+
+def measure_onnx_preprocess(path: str | os.PathLike[str], given: Mapping[str, Any], crops: np.ndarray | None = None,
+                            crops_what: str = "synthetic faces") -> tuple[Preprocess, str, float]:
+    """How a foreign ONNX without our metadata must be fed: the candidates consistent with the
+    flags `given` (color / mean / std) scored on face crops. Returns (preprocess, how, margin);
+    UsageError naming the missing flags when the crops cannot tell."""
+    from .runtime import open_predictor
+
+    pred = open_predictor(path, preprocess=Preprocess(**dict(given)))
+    size = pred.preprocess.input_size
+    if crops is None:
+        crops = synthetic_crops(size=size)
+    elif len(crops) > MAX_FACES:
+        crops = crops[np.linspace(0, len(crops) - 1, MAX_FACES).round().astype(int)]
+    layout = dataclasses.replace(pred.preprocess, layout=f"custom{pred.num_points}")
+    cands = [p for p in preprocess_candidates(layout) if all(getattr(p, k) == v for k, v in given.items())]
+    if not cands:  # e.g. --mean 0.3 alone: not one of the usual pairs, so nothing to measure
+        missing = [f"--{k}" for k in ("color", "mean", "std") if k not in given]
+        raise UsageError(f"{Path(path).name} carries no preprocessing metadata and {', '.join(f'--{k}' for k in given)} "
+                         f"alone matches no usual normalisation; give {' and '.join(missing)} too")
+    scored = []
+    for p in cands:
+        pred.preprocess = p
+        pts = pred.predict(crops)
+        scored.append((plausibility(pts, size).score, p, pts))
+    scored.sort(key=lambda t: -t[0])
+    missing = [f"--{k}" for k in ("color", "mean", "std") if k not in given]
+    best_p = plausibility(scored[0][2], size)
+    if best_p.outside > MAX_OUTSIDE or best_p.bad_spread > 0.1:
+        raise UsageError(
+            f"{Path(path).name} carries no preprocessing metadata and no usual preprocessing makes it predict face-shaped "
+            f"landmarks on {len(crops)} {crops_what} (best: {100 * best_p.outside:.0f} % of points outside the crop); "
+            f"say how it was trained with {' '.join(m + ' ...' for m in missing) or '--color --mean --std'}")
+    if len(scored) == 1:
+        return scored[0][1], "flags", 0.0
+    (s1, p1, a), (s2, p2, b) = scored[0], scored[1]
+    if s1 - s2 >= MARGIN:
+        return p1, "measured", s1 - s2
+    if float(np.linalg.norm(a - b, axis=-1).mean()) <= AGREE_PX:
+        return p1, "measured (candidates agree)", s1 - s2
+    raise UsageError(
+        f"{Path(path).name} carries no preprocessing metadata and face crops cannot tell how it was fed "
+        f"({_show(p1.to_dict())} scores {s1:.3f}, {_show(p2.to_dict())} {s2:.3f} on {len(crops)} {crops_what}); "
+        f"say how it was trained with {' '.join(m + ' ...' for m in missing)} (e.g. GhostOne PFLD: --color RGB --mean 0.5 --std 0.5)")

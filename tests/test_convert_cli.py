@@ -214,3 +214,18 @@ def test_reference_onnx_passes_and_a_wrong_activation_is_refused(tmp_path: Path)
     line = _one_error(_run(ckpt_path, *common, "--activation", "relu", "--out", tmp_path / "bad"), 6)
     assert "stage 0" in line and "exceeds tolerance 0.0001" in line
     assert not (tmp_path / "bad" / f"{FORK}_fp32.tflite").exists()
+
+
+def test_foreign_onnx_partial_preprocessing_is_measured_or_refused_naming_flags(tmp_path: Path) -> None:
+    # GhostOne was trained on RGB [-1, 1]; --color RGB alone used to bake in mean 0 / std 1 silently.
+    onnx_path = fixture_path("checkpoints", "pfld_ghostone_98pt.onnx")
+    line = _one_error(_run(onnx_path, "--color", "RGB", "--formats", "fp32", "--out", tmp_path / "o"), UsageError.exit_code)
+    assert "no preprocessing metadata" in line and "--mean" in line and "--std" in line and "--color ..." not in line
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_eval_of_a_foreign_onnx_does_not_default_its_preprocessing(tmp_path: Path) -> None:
+    onnx_path = fixture_path("checkpoints", "pfld_ghostone_98pt.onnx")
+    r = CliRunner().invoke(main, ["eval", str(onnx_path), "--data", f"wflw:{fixture_path('wflw98')}", "--out", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "no preprocessing metadata" in r.output and "--color" in r.output
+    assert "Traceback" not in r.output

@@ -210,14 +210,15 @@ def load_source(cfg: ConvertConfig) -> Source:
     override = {k: v for k, v in (("color", cfg.color), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
     if path.suffix.lower() == ".onnx":
         meta = onnx_metadata(path)
-        if ONNX_META_PREPROCESS not in meta and not override:
-            raise UsageError(
-                f"{path.name} carries no preprocessing metadata; say how it was trained with "
-                "--color RGB|BGR --mean M --std S (e.g. GhostOne PFLD: --color RGB --mean 0.5 --std 0.5)"
-            )
         model = _json_or_none(meta.get(ONNX_META_MODEL))
         _check_width(cfg.width, model["width"] if model else None, path)
         base = Preprocess.from_dict(_json_or_none(meta.get(ONNX_META_PREPROCESS)) or {})
+        if ONNX_META_PREPROCESS not in meta and not {"color", "mean", "std"} <= set(override):
+            # Nothing says how a foreign ONNX was fed: what the flags leave out is measured on
+            # face crops, never defaulted (a lone --color RGB used to bake in mean 0 / std 1).
+            from ..stage0 import measure_onnx_preprocess
+
+            base = measure_onnx_preprocess(path, override)[0]
         ref = open_predictor(path, preprocess=dataclasses.replace(base, **override))
         if ONNX_META_PREPROCESS not in meta:  # a foreign model's layout follows from its point count
             base = dataclasses.replace(base, layout=get_layout(ref.num_points).name)
@@ -242,14 +243,22 @@ def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
     Returns the `stage0.Stage0Result` (None for an ONNX source: its graph is the author's)."""
     from .. import stage0
 
+    what = "synthetic faces" if is_synthetic(cfg.calib or "synthetic") else "calibration faces"
     if src.kind != "checkpoint":
         if cfg.reference_onnx is not None or cfg.activation is not None or cfg.bn8 is not None:
             raise UsageError("--reference-onnx / --activation / --bn8 describe a PyTorch checkpoint; an ONNX source already is its graph")
-        return None
+        # The graph is the author's; what stage 0 checks is that it is fed right: face-shaped landmarks.
+        crops = calib.crops[: stage0.MAX_FACES]
+        foreign = src.model is None
+        result = stage0.Stage0Result(
+            choices={}, how={"preprocess": "flags" if foreign and _pre_override(cfg) else ("measured" if foreign else "metadata")},
+            plausibility=stage0.plausibility(src.reference.predict(crops), src.preprocess.input_size), margins={},
+            faces=len(crops), crops=what, candidates=[], gated=foreign)
+        stage0.require_plausible(result, src.path.name)
+        return result
     flags = {k: v for k, v in (("activation", cfg.activation), ("head_bn", cfg.bn8)) if v is not None}
     override = _pre_override(cfg)
     explicit = dataclasses.replace(src.preprocess, **override) if override else None
-    what = "synthetic faces" if is_synthetic(cfg.calib or "synthetic") else "calibration faces"
     if cfg.model_class is not None:
         if flags:
             raise UsageError("--activation / --bn8 describe the built-in PFLD; a --model-class network is defined by its own code")
