@@ -391,6 +391,10 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
     if not init.is_file():
         raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
     loaded = load_checkpoint(init)
+    if loaded.meta.source_format != "pfld-export":  # a foreign init's activation is measured, never defaulted
+        from .stage0 import resolve
+
+        loaded = resolve(init)[0]
     pre = loaded.meta.preprocess
     calib, val = calibration_and_validation(cfg.data or "synthetic", cfg.val_images, pre, cfg.calib_count, cfg.val_count,
                                             cfg.seed, cfg.detector, cfg.cache_dir)
