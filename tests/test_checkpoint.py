@@ -237,3 +237,20 @@ def test_stage0_measures_relu6_on_faces_without_a_reference() -> None:
     loaded, res = resolve(ckpt, synthetic_crops(24), preprocess=Preprocess(layout="custom17"))
     assert loaded.meta.model.activation == "relu6" and res.how["activation"] == "measured"
     assert res.margins["activation"] >= 0.02 and res.plausibility.outside <= 0.02
+
+
+def test_public_025x_round_trips_through_onnx(tmp_path: Path) -> None:
+    from pfld_export.export.onnx import OnnxConfig, to_onnx
+    from pfld_export.runtime import open_predictor
+    from pfld_export.stage0 import resolve
+
+    torch.save({"pfld_backbone": _public_025x_state_dict()}, tmp_path / "public.pth.tar")
+    crops = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    # Activation and preprocessing given: an untrained network cannot be measured for plausibility.
+    loaded, res = resolve(tmp_path / "public.pth.tar", crops, "random crops", {"activation": "relu"}, Preprocess())
+    assert res.how == {"activation": "flag"} and loaded.meta.model.channels == (16, 16, 32, 32, 4, 8, 32)
+    art = to_onnx(loaded, OnnxConfig(path=tmp_path / "public.onnx"))
+    onnx_pts = open_predictor(art.path).predict(crops)
+    with torch.no_grad():
+        torch_pts = loaded.inference_model()(torch.from_numpy(Preprocess().apply_nchw(crops))).numpy().reshape(4, -1, 2) * 112
+    assert np.abs(onnx_pts - torch_pts).max() < 0.01  # px at 112, the fp32 parity budget
