@@ -41,8 +41,8 @@ MAX_OUTSIDE = 0.02  # more points than this outside the crop on face crops: the 
 SPREAD_RANGE = (0.08, 0.5)  # RMS distance of the points from their centroid, as a share of the crop side
 REFERENCE_ATOL = 1e-4  # our network vs the author's ONNX export, normalised output units
 RANDOM_INPUTS = 4
-SYNTHETIC_FACES = 48
-MAX_FACES = 64
+SYNTHETIC_FACES = 32
+MAX_FACES = 32  # faces per candidate: enough for the shares scored, and 12 candidates stay cheap
 
 # Normalisations a foreign model was commonly trained with, after x / 255: (name, mean, std).
 NORMALISATIONS: tuple[tuple[str, tuple[float, float, float], tuple[float, float, float]], ...] = (
