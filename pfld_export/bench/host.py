@@ -313,7 +313,7 @@ def _build_reference(mc: dict[str, Any], src: Path, dest: Path, seed: int) -> No
     from ..preprocess import Preprocess
 
     try:
-        cfg = ModelConfig(**{k: mc[k] for k in ("width", "points", "conv2", "head_bn") if k in mc})
+        cfg = ModelConfig.from_dict(mc)  # every variant field the metadata records (channels, activation, head...)
     except (TypeError, PfldError) as e:
         raise UsageError(f"{src.name}: its model config {mc} cannot build a PFLD ({e}); pass --reference CKPT") from None
     side = read_sidecar(src) if src.suffix.lower() == ".tflite" else None
