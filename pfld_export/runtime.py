@@ -332,10 +332,11 @@ _OPENERS: dict[str, Callable[[Path, Preprocess | None, int | None], Predictor]] 
 
 
 def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None = None, threads: int | None = None,
-                   overrides: dict[str, Any] | None = None) -> Predictor:
+                   overrides: dict[str, Any] | None = None, timing_only: bool = False) -> Predictor:
     """Open a checkpoint, `.onnx` or `.tflite` as a Predictor. `preprocess` replaces metadata;
     `overrides` (color / mean / std, from flags) replace fields of it. A foreign ONNX without our
-    metadata has its missing fields measured on face crops (`stage0`) or is refused naming the flags."""
+    metadata has its missing fields measured on face crops (`stage0`) or is refused naming the flags;
+    `timing_only` (benchmarks) skips that: latency does not depend on what the input values mean."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"model {p} does not exist; check the path")
@@ -343,7 +344,7 @@ def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None =
     if opener is None:
         raise UsageError(f"{p}: unknown model type {p.suffix!r}; use a checkpoint ({', '.join(TORCH_SUFFIXES)}), .onnx or .tflite")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if preprocess is None and p.suffix.lower() == ".onnx" and ONNX_META_PREPROCESS not in onnx_metadata(p):
+    if preprocess is None and not timing_only and p.suffix.lower() == ".onnx" and ONNX_META_PREPROCESS not in onnx_metadata(p):
         if {"color", "mean", "std"} <= set(given):
             preprocess = Preprocess(**given)
         else:
