@@ -141,6 +141,8 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     stage = _stage_timer(timings, progress)
     with stage("load"):
         src = load_source(cfg)
+        if cfg.reference is not None and not Path(cfg.reference).is_file():  # fail in seconds, before any crops
+            raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
     name = cfg.name or _stem(src.path)
     vcfg = ValidateConfig(size_budget=size_budget)
     if cfg.eval_data:  # before converting: a bad spec or point layout should fail in seconds
