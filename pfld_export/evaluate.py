@@ -289,10 +289,8 @@ def run_eval(cfg: EvalRunConfig, progress: Progress | None = None) -> EvalReport
     from .runtime import open_predictor
 
     model = Path(cfg.model)
-    predictor = open_predictor(model, threads=cfg.threads)
-    pre = with_overrides(predictor.preprocess, cfg.color, cfg.mean, cfg.std)
-    if pre != predictor.preprocess:
-        predictor = open_predictor(model, preprocess=pre, threads=cfg.threads)
+    predictor = open_predictor(model, threads=cfg.threads,
+                               overrides={"color": cfg.color.upper() if cfg.color else None, "mean": cfg.mean, "std": cfg.std})
     data = load_spec(cfg.data, strict=cfg.strict, cache_dir=cfg.cache_dir)
     result = evaluate(predictor, data.records, cfg.eval, progress)
     out = Path(cfg.out_dir)

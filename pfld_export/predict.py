@@ -247,7 +247,6 @@ def open_model(path: str | os.PathLike[str], color: str | None = None, mean: Seq
 
     `mean`/`std` take one value (used for all channels) or three.
     """
-    from .evaluate import with_overrides
 
     def three(v: Sequence[float] | None, flag: str) -> tuple[float, float, float] | None:
         if v is None:
@@ -257,10 +256,9 @@ def open_model(path: str | os.PathLike[str], color: str | None = None, mean: Seq
             raise UsageError(f"{flag} takes 1 or 3 values, got {len(v)}: {list(v)}")
         return vals  # type: ignore[return-value]
 
-    pred = open_predictor(path, threads=threads)
-    pre = with_overrides(pred.preprocess, color, three(mean, "--mean"), three(std, "--std"))
-    # The stored record (or the default for foreign models) stays the base; flags replace fields.
-    return pred if pre == pred.preprocess else open_predictor(path, preprocess=pre, threads=threads)
+    # The stored record stays the base and flags replace fields; a foreign ONNX's missing fields are measured or refused.
+    return open_predictor(path, threads=threads, overrides={"color": color.upper() if color else None,
+                                                            "mean": three(mean, "--mean"), "std": three(std, "--std")})
 
 
 def model_layout(pred: Predictor) -> PointLayout:

@@ -54,7 +54,7 @@ from .errors import UsageError
 from .export.equalize import tflite_weight_rounding
 from .export.validate import ShiftStats, shift_stats
 from .io import file_sha256
-from .model import PFLD, LandmarkModel
+from .model import PFLD, LandmarkModel, require_standard
 from .runtime import check_threads
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
@@ -180,6 +180,7 @@ class FakeQuantPFLD(nn.Module):
 
     def __init__(self, pfld: PFLD) -> None:
         super().__init__()
+        require_standard(pfld.config, "the int8 simulator (QAT)")
         self.pfld = pfld
         self.mode = "quant"
         self.ranges: dict[str, tuple[float, float]] = {}
@@ -318,6 +319,7 @@ def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
     def before(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         return (noisy(args[0]), *args[1:]) if mod.training else None
 
+    require_standard(pfld.config, "--int8-noise")
     blocks = [getattr(pfld, name) for name in pfld._blocks]
     for name, block in zip(pfld._blocks, blocks):  # checked before any hook goes on: a refusal leaves the model as it was
         seq = getattr(block, "conv", None)
@@ -408,6 +410,10 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
     if not init.is_file():
         raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
     loaded = load_checkpoint(init)
+    if loaded.meta.source_format != "pfld-export":  # a foreign init's activation is measured, never defaulted
+        from .stage0 import resolve
+
+        loaded = resolve(init)[0]
     pre = loaded.meta.preprocess
     calib, val = calibration_and_validation(cfg.data or "synthetic", cfg.val_images, pre, cfg.calib_count, cfg.val_count,
                                             cfg.seed, cfg.detector, cfg.cache_dir)

@@ -8,6 +8,7 @@ this module is the only place that knows which backend it is talking to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -320,6 +321,12 @@ def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None) 
     from .checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path, preprocess=preprocess)
+    if loaded.meta.source_format != "pfld-export":
+        # A foreign checkpoint leaves its activation (and maybe bn8 and preprocessing) open:
+        # measured on synthetic faces by stage 0, never left at a default.
+        from .stage0 import resolve
+
+        loaded, _ = resolve(path, preprocess=preprocess)
     return TorchPredictor(path=path, preprocess=loaded.meta.preprocess, module=loaded.inference_model(),
                           num_points=loaded.meta.model.points, threads=threads, name=path.name)
 
@@ -343,6 +350,8 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any
 def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -> OnnxPredictor:
     meta = onnx_metadata(path)
     if preprocess is None:
+        # A foreign ONNX without our metadata is opened with the defaults only by `open_predictor`,
+        # which measures (or refuses) before anything is predicted with them.
         preprocess = Preprocess.from_dict(json.loads(meta[ONNX_META_PREPROCESS])) if ONNX_META_PREPROCESS in meta else Preprocess()
     try:
         sess = ort_session(path, threads)
@@ -395,15 +404,31 @@ _OPENERS: dict[str, Callable[[Path, Preprocess | None, int | None], Predictor]] 
 }
 
 
-def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None = None, threads: int | None = None) -> Predictor:
-    """Open a checkpoint, `.onnx` or `.tflite` as a Predictor. `preprocess` overrides metadata."""
+def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None = None, threads: int | None = None,
+                   overrides: dict[str, Any] | None = None, timing_only: bool = False) -> Predictor:
+    """Open a checkpoint, `.onnx` or `.tflite` as a Predictor. `preprocess` replaces metadata;
+    `overrides` (color / mean / std, from flags) replace fields of it. A foreign ONNX without our
+    metadata has its missing fields measured on face crops (`stage0`) or is refused naming the flags;
+    `timing_only` (benchmarks) skips that: latency does not depend on what the input values mean."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"model {p} does not exist; check the path")
     opener = _OPENERS.get(p.suffix.lower())
     if opener is None:
         raise UsageError(f"{p}: unknown model type {p.suffix!r}; use a checkpoint ({', '.join(TORCH_SUFFIXES)}), .onnx or .tflite")
-    pred = opener(p, preprocess, check_threads(threads))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    threads = check_threads(threads)
+    if preprocess is None and not timing_only and p.suffix.lower() == ".onnx" and ONNX_META_PREPROCESS not in onnx_metadata(p):
+        if {"color", "mean", "std"} <= set(given):
+            preprocess = Preprocess(**given)
+        else:
+            from .stage0 import measure_onnx_preprocess
+
+            preprocess = measure_onnx_preprocess(p, given)[0]
+        given = {}
+    pred = opener(p, preprocess, threads)
+    if given:
+        pred = opener(p, dataclasses.replace(pred.preprocess, **given), threads)
     check_landmark_model(pred)
     return pred
 

@@ -30,6 +30,7 @@ global batch, process 0 writing and validating (`distributed.py` has the decisio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -51,6 +52,7 @@ from .loss import LossOutput, class_frequencies, get_loss
 from .model import PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
 from .preprocess import Preprocess
 from .runtime import check_threads
+from .stage0 import resolve as resolve_checkpoint
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -459,7 +461,9 @@ def _build_from_init(init: Path, loaded: LoadedModel, run: dict[str, Any], layou
     _check_init(init, loaded, run)
     mc = loaded.meta.model
     run["width"], run["conv2"] = mc.width, mc.conv2
-    model, aux = build_model(mc.width, layout.num_points, mc.conv2, mc.head_bn)
+    # The init's whole variant (per-layer channels, activation, head) carries over, not only its width.
+    model = PFLD(dataclasses.replace(mc, points=layout.num_points))
+    aux = loaded.aux if loaded.aux is not None else AuxiliaryNet(model.tap_channels, act=mc.activation)
     sd = loaded.model.state_dict()
     new_head = mc.points != layout.num_points
     if new_head:
@@ -468,8 +472,6 @@ def _build_from_init(init: Path, loaded: LoadedModel, run: dict[str, Any], layou
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
         raise CheckpointError(f"--init {init}: weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if loaded.aux is not None:
-        aux.load_state_dict(loaded.aux.state_dict())
     # The weights were trained with the init checkpoint's input normalisation: keep it.
     pre = Preprocess.from_dict({**loaded.meta.preprocess.to_dict(), "layout": layout.name})
     info = {"init": str(init), "init_points": mc.points, "new_head": new_head, "init_source_format": loaded.meta.source_format,
@@ -712,7 +714,8 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
     check_global_batch(int(run["batch"]), ctx)
     init_ckpt = None
     if resumed is None and run["init"]:
-        init_ckpt = load_checkpoint(run["init"])
+        # A foreign init's open choices (activation...) are measured, as for convert and eval.
+        init_ckpt = resolve_checkpoint(run["init"])[0]
         _check_init(Path(run["init"]), init_ckpt, run)
     seed = int(run["seed"])
     torch.manual_seed(seed)  # here, never at import: model init and any torch randomness follow --seed

@@ -196,6 +196,7 @@ def test_init_from_17_point_pfld_pytorch_checkpoint(tmp_path: Path, cache: Path)
     # Width and conv2 come from the init weights; the head is new because 17 != 98 points.
     assert loaded.meta.model.width == 0.5 and loaded.meta.model.conv2 == "depthwise" and loaded.meta.model.points == 98
     assert loaded.meta.provenance["new_head"] is True and loaded.meta.provenance["init_points"] == 17
+    assert loaded.meta.model.activation == "relu6"  # the fork's measured activation carries over, not a default
     src = load_checkpoint(ckpt).model.state_dict()
     got = loaded.model.state_dict()
     assert src["conv1.weight"].shape == got["conv1.weight"].shape

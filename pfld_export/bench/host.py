@@ -316,7 +316,7 @@ def _build_reference(mc: dict[str, Any], src: Path, dest: Path, seed: int) -> No
     from ..preprocess import Preprocess
 
     try:
-        cfg = ModelConfig(**{k: mc[k] for k in ("width", "points", "conv2", "head_bn") if k in mc})
+        cfg = ModelConfig.from_dict(mc)  # every variant field the metadata records (channels, activation, head...)
     except (TypeError, PfldError) as e:
         raise UsageError(f"{src.name}: its model config {mc} cannot build a PFLD ({e}); pass --reference CKPT") from None
     side = read_sidecar(src) if src.suffix.lower() == ".tflite" else None
@@ -358,7 +358,8 @@ class _LocalSession:
 
         self.rss_samples = [_rss()]
         t0 = time.perf_counter()
-        self.predictor = open_predictor(path, threads=threads)
+        # Timing only: what a foreign ONNX is fed does not change its latency, so nothing is measured.
+        self.predictor = open_predictor(path, threads=threads, timing_only=True)
         self.load_s = time.perf_counter() - t0
         self.crop = crop
         self.rss_samples.append(_rss())

@@ -98,14 +98,16 @@ def conv_labels(loaded: Any) -> list[str]:
 def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> SensitivityReport:
     """Convert once, then measure each quantizable op alone (and optionally left out)."""
     from .onnx import OnnxConfig, import_onnx, to_onnx
-    from .pipeline import ConvertConfig, _stem, _writable_dir, load_source
+    from .pipeline import ConvertConfig, _stem, _writable_dir, load_source, settle_source
 
     if cfg.top < 1:
         raise UsageError(f"--top {cfg.top} must be at least 1")
     out = _writable_dir(Path(cfg.out_dir))
-    src = load_source(ConvertConfig(model=Path(cfg.model)))
+    scfg = ConvertConfig(model=Path(cfg.model), calib=cfg.calib)
+    src = load_source(scfg)
     calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.images, src.preprocess, cfg.calib_count,
                                             cfg.val_count, cfg.seed, cfg.detector, cfg.cache_dir)
+    settle_source(scfg, src, calib)  # stage 0: a foreign checkpoint is measured as the network its authors trained
     labels = conv_labels(src.loaded) if src.loaded is not None else None
     loaded = src.loaded
     if cfg.equalize:
