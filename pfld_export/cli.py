@@ -43,14 +43,18 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", default=None, type=click.Path(file_okay=False), help="Folder of face photos for the stage-0 measurement  [default: synthetic faces]")
+@click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation, instead of measuring it.")
+@click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="bn8 applied or not, instead of reading/measuring it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly
-def info(model: str, as_json: bool) -> None:
-    """Show a checkpoint's inferred configuration, parameters, MACs and weight bytes."""
-    from .checkpoint import model_info
+def info(model: str, as_json: bool, calib: str | None = None, activation: str | None = None, bn8: str | None = None) -> None:
+    """Show a checkpoint's configuration (each field read from tensors, metadata, flags or measured), parameters, MACs, bytes."""
     from .report import format_info, to_json
+    from .stage0 import model_info
 
-    result = model_info(model)
+    flags = {k: v for k, v in (("activation", activation), ("head_bn", None if bn8 is None else bn8 == "on")) if v is not None}
+    result = model_info(model, calib, flags)
     click.echo(to_json(result) if as_json else format_info(result))
 
 
@@ -350,13 +354,23 @@ def _format_names() -> str:
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a --qat checkpoint).")
+@click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation the checkpoint was trained with  [default: measured in stage 0]")
+@click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="Whether the checkpoint's forward applies bn8 after conv8  [default: read from its statistics, measured where they cannot tell]")
+@click.option("--reference-onnx", type=click.Path(dir_okay=False), default=None, help="The checkpoint author's own ONNX export: stage 0 refuses to convert unless our network reproduces it (1e-4).")
+@click.option("--model-class", default=None, help="Your own network for a checkpoint outside the PFLD family: path/to/models.py:ClassName (its code is imported only with this flag).")
+@click.option("--model-args", default=None, help="--model-class constructor arguments as a JSON object, e.g. '{\"width_factor\": 1, \"landmark_number\": 98}'.")
+@click.option("--output-index", type=int, default=None, help="--model-class: which returned tensor holds the landmarks  [default: the one with 2N values]")
+@click.option("--output-scale", type=float, default=None, help="--model-class: factor bringing the landmarks to [0, 1] of the crop  [default: detected; pixels -> 1/size]")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @friendly
 def convert(model: str, int8: bool, formats: str | None, calib: str | None, calib_count: int, val_images: str | None,
             eval_data: str | None, size_budget: str, out: str, name: str | None, width: float | None, color: str | None,
             mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool, max_shift: float | None = None,
             max_shift_p99: float | None = None, max_nme_increase: float | None = None, int8_methods: str | None = None,
-            max_float_ops: int = 16, max_slowdown: float | None = 1.15, reference: str | None = None) -> None:
+            max_float_ops: int = 16, max_slowdown: float | None = 1.15, reference: str | None = None,
+            activation: str | None = None, bn8: str | None = None, reference_onnx: str | None = None,
+            model_class: str | None = None, model_args: str | None = None, output_index: int | None = None,
+            output_scale: float | None = None) -> None:
     """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
     import os
     from pathlib import Path
@@ -374,6 +388,8 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
         keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
         int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
         max_float_ops=max_float_ops, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
+        activation=activation, bn8=None if bn8 is None else bn8 == "on", reference_onnx=Path(reference_onnx) if reference_onnx else None,
+        model_class=model_class, model_args=model_args, output_index=output_index, output_scale=output_scale,
     )
     bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 

@@ -9,6 +9,11 @@ the same weights:
   * `bn8` exists in every checkpoint; current PFLD-pytorch never applies it, older versions and
     forks apply it after conv8 (`head_bn=True`). `checkpoint.infer_config` tells which from its
     running statistics: a BN that was never run still holds mean 0 / var 1 / 0 batches.
+
+Forks vary the rest, and `ModelConfig` carries each variant: per-layer channel counts (some scale
+the head too), ReLU or ReLU6, conv biases, depthwise conv2, a flattened instead of pooled head,
+any point count and the input size the head was built for. What the tensors show is read from
+them (`checkpoint.infer_config`); what they cannot show is measured (`stage0`).
 """
 
 from __future__ import annotations
@@ -22,19 +27,37 @@ from torch import nn
 from .errors import UsageError
 
 Conv2Kind = Literal["full", "depthwise"]
+Activation = Literal["relu", "relu6"]
+HeadKind = Literal["pool", "flatten"]
 WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 INPUT_SIZE = 112
-HEAD_CHANNELS = (16, 32, 128)  # S1, S2, S3 of the multi-scale head; never width-scaled
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+HEADS: tuple[str, ...] = ("pool", "flatten")
 
-# Inverted-residual stages. t: expansion, c: output channels at width 1.0, n: blocks,
-# s: stride of the first block, scaled: c follows the width multiplier, stage: name number
-# (the first block is `conv{stage}_1`, the rest `block{stage}_{i}`, as in PFLD-pytorch).
-_STAGES: tuple[tuple[int, int, int, int, bool, int], ...] = (
-    # t,   c, n, s, scaled, stage
-    (2, 64, 5, 2, True, 3),  # 56 -> 28; its output is the 28x28 feature the auxiliary net taps
-    (2, 128, 1, 2, True, 4),  # 28 -> 14
-    (4, 128, 6, 1, True, 5),
-    (2, 16, 1, 1, False, 6),  # 14x14x16 bottleneck = S1
+# The layers whose output channels `ModelConfig.channels` lists, in this order: name, channels
+# at width 1.0, and whether our width multiplier scales it. PFLD-pytorch keeps the head (stage 6 =
+# S1, conv7 = S2, conv8 = S3) at 16 / 32 / 128 for every width; other forks scale every layer (the
+# public 0.25X has 4 / 8 / 32), which is why a loaded network keeps the counts its tensors show.
+CHANNEL_LAYERS: tuple[tuple[str, int, bool], ...] = (
+    ("conv1", 64, True),
+    ("stage3", 64, True),
+    ("stage4", 128, True),
+    ("stage5", 128, True),
+    ("stage6", 16, False),
+    ("conv7", 32, False),
+    ("conv8", 128, False),
+)
+_C1, _S3, _S4, _S5, _S6, _C7, _C8 = range(len(CHANNEL_LAYERS))
+
+# Inverted-residual stages. t: expansion, c: index into the channel table, n: blocks, s: stride of
+# the first block, stage: name number (the first block is `conv{stage}_1`, the rest
+# `block{stage}_{i}`, as in PFLD-pytorch).
+_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    # t, c,   n, s, stage
+    (2, _S3, 5, 2, 3),  # 56 -> 28; its output is the 28x28 feature the auxiliary net taps
+    (2, _S4, 1, 2, 4),  # 28 -> 14
+    (4, _S5, 6, 1, 5),
+    (2, _S6, 1, 1, 6),  # 14x14 bottleneck = S1
 )
 _TAP_STAGE = 3
 
@@ -52,52 +75,125 @@ def scaled_channels(channels: int, width: float) -> int:
     return _make_divisible(channels * width)
 
 
+def width_channels(width: float) -> tuple[int, ...]:
+    """Per-layer channel counts our width multiplier gives (PFLD-pytorch's: head never scaled)."""
+    return tuple(scaled_channels(c, width) if scaled else c for _, c, scaled in CHANNEL_LAYERS)
+
+
+def head_sizes(input_size: int) -> tuple[int, int, int]:
+    """Spatial side of S1, S2 and the conv8 output for a square input (strides 8, 16; conv8 7x7)."""
+    return input_size // 8, input_size // 16, input_size // 16 - 6
+
+
+def fc_inputs(channels: tuple[int, ...], head: str, input_size: int) -> int:
+    """Input features of `fc`: what the multi-scale head concatenates."""
+    a, b, k = head_sizes(input_size)
+    c6, c7, c8 = channels[_S6], channels[_C7], channels[_C8]
+    if head == "pool":
+        return c6 + c7 + c8 * k * k
+    return c6 * a * a + c7 * b * b + c8 * k * k
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """What defines a PFLD network's shapes: width multiplier, landmark count, conv2 kind."""
+    """What defines a PFLD network: channels, landmark count, and the variant choices forks make.
+
+    `channels` (one count per `CHANNEL_LAYERS` entry) defaults to what `width` gives; a loaded
+    checkpoint keeps the counts its tensors have, and `width` is then conv1's share of 64.
+    """
 
     width: float = 1.0
     points: int = 98
     conv2: Conv2Kind = "full"
     head_bn: bool = False  # apply bn8 after conv8 (older PFLD-pytorch and its forks)
     input_size: int = INPUT_SIZE
+    channels: tuple[int, ...] | None = None
+    activation: Activation = "relu"  # ReLU6 in forks that follow MobileNetV2 to the letter
+    conv_bias: bool = False  # biases on the BN-followed convs (conv8 always has one)
+    head: HeadKind = "pool"  # S1/S2 globally averaged (PFLD-pytorch) or flattened (some forks)
 
     def __post_init__(self) -> None:
-        if self.width not in WIDTHS:
-            raise UsageError(f"width {self.width} is not supported; choose one of {', '.join(map(str, WIDTHS))}")
+        if self.channels is None:
+            if self.width not in WIDTHS:
+                raise UsageError(f"width {self.width} is not supported; choose one of {', '.join(map(str, WIDTHS))}")
+            object.__setattr__(self, "channels", width_channels(self.width))
+        else:
+            ch = tuple(int(c) for c in self.channels)
+            if len(ch) != len(CHANNEL_LAYERS) or min(ch) < 1:
+                raise UsageError(f"channels must be {len(CHANNEL_LAYERS)} positive counts "
+                                 f"({', '.join(n for n, _, _ in CHANNEL_LAYERS)}), got {self.channels}")
+            object.__setattr__(self, "channels", ch)
+        if not self.width > 0:
+            raise UsageError(f"width must be positive, got {self.width}")
         if self.points < 1:
             raise UsageError(f"points must be a positive count, got {self.points}")
         if self.conv2 not in ("full", "depthwise"):
             raise UsageError(f"conv2 must be 'full' or 'depthwise', got {self.conv2!r}")
-        if self.input_size != INPUT_SIZE:
-            raise UsageError(f"PFLD's head is built for {INPUT_SIZE}x{INPUT_SIZE} input, got {self.input_size}")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.head not in HEADS:
+            raise UsageError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.input_size % 16 or self.input_size < INPUT_SIZE:
+            raise UsageError(f"PFLD's head needs a square input that is a multiple of 16 and at least {INPUT_SIZE}, got {self.input_size}")
+
+    @property
+    def standard(self) -> bool:
+        """PFLD-pytorch's own anatomy (ReLU, no conv biases, pooled head at 112): what the
+        PFLD-specific int8 rewrites (equalisation, bias correction, QAT simulator) are written for."""
+        return self.activation == "relu" and not self.conv_bias and self.head == "pool" and self.input_size == INPUT_SIZE
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        d = asdict(self)
+        d["channels"] = list(self.channels or ())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> "ModelConfig":
+        """Inverse of `to_dict`; older metadata without the variant fields means PFLD-pytorch's defaults."""
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if known.get("channels") is not None:
+            known["channels"] = tuple(known["channels"])  # type: ignore[arg-type]
+        return cls(**known)  # type: ignore[arg-type]
 
 
-def conv_bn(inp: int, oup: int, kernel: int, stride: int, padding: int = 1) -> nn.Sequential:
-    """Conv + BN + ReLU, keys `.0 / .1` as in PFLD-pytorch."""
+def require_standard(config: ModelConfig, what: str) -> None:
+    """Refuse a PFLD-specific rewrite on a variant it was not written for, naming the difference."""
+    if config.standard:
+        return
+    diff = [f for f, bad in (("ReLU6", config.activation != "relu"), ("conv biases", config.conv_bias),
+                             ("a flattened head", config.head != "pool"),
+                             (f"{config.input_size}-px input", config.input_size != INPUT_SIZE)) if bad]
+    raise UsageError(f"{what} is written for PFLD-pytorch's anatomy; this network has {', '.join(diff)}; "
+                     "use the generic int8 methods (--int8-method plain,mixed)")
+
+
+def _act(config: ModelConfig) -> nn.Module:
+    return ACTIVATIONS[config.activation](inplace=True)
+
+
+def conv_bn(inp: int, oup: int, kernel: int, stride: int, padding: int = 1, act: str = "relu", bias: bool = False) -> nn.Sequential:
+    """Conv + BN + activation, keys `.0 / .1` as in PFLD-pytorch."""
     return nn.Sequential(
-        nn.Conv2d(inp, oup, kernel, stride, padding, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True)
+        nn.Conv2d(inp, oup, kernel, stride, padding, bias=bias), nn.BatchNorm2d(oup), ACTIVATIONS[act](inplace=True)
     )
 
 
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection (+ identity)."""
 
-    def __init__(self, inp: int, oup: int, stride: int, use_res_connect: bool, expand_ratio: int) -> None:
+    def __init__(self, inp: int, oup: int, stride: int, use_res_connect: bool, expand_ratio: int,
+                 act: str = "relu", bias: bool = False) -> None:
         super().__init__()
         hidden = inp * expand_ratio
         self.use_res_connect = use_res_connect
         self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, 1, 0, bias=False),
+            nn.Conv2d(inp, hidden, 1, 1, 0, bias=bias),
             nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            ACTIVATIONS[act](inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=bias),
             nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+            ACTIVATIONS[act](inplace=True),
+            nn.Conv2d(hidden, oup, 1, 1, 0, bias=bias),
             nn.BatchNorm2d(oup),
         )
 
@@ -105,7 +201,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-Block = Callable[[int, int, int, bool, int], nn.Module]
+Block = Callable[..., nn.Module]
 
 
 class PFLD(nn.Module):
@@ -114,36 +210,43 @@ class PFLD(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig(), block: Block = InvertedResidual) -> None:
         super().__init__()
         self.config = config
-        c1 = scaled_channels(64, config.width)
-        self.conv1 = nn.Conv2d(3, c1, 3, 2, 1, bias=False)
+        ch = config.channels or width_channels(config.width)
+        act, bias = config.activation, config.conv_bias
+        c1 = ch[_C1]
+        self.conv1 = nn.Conv2d(3, c1, 3, 2, 1, bias=bias)
         self.bn1 = nn.BatchNorm2d(c1)
         groups = c1 if config.conv2 == "depthwise" else 1
-        self.conv2 = nn.Conv2d(c1, c1, 3, 1, 1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(c1, c1, 3, 1, 1, groups=groups, bias=bias)
         self.bn2 = nn.BatchNorm2d(c1)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = _act(config)
 
         self._blocks: list[str] = []
         inp = c1
-        for t, c, n, s, scaled, stage in _STAGES:
-            oup = scaled_channels(c, config.width) if scaled else c
+        for t, c, n, s, stage in _STAGES:
+            oup = ch[c]
             for i in range(n):
                 name = f"conv{stage}_1" if i == 0 else f"block{stage}_{i + 1}"
                 # PFLD-pytorch keeps the identity off the first block of each stage, even where
                 # shapes would allow it (conv5_1); matching it keeps their checkpoints exact.
-                setattr(self, name, block(inp, oup, s if i == 0 else 1, i > 0, t))
+                if block is InvertedResidual:
+                    setattr(self, name, block(inp, oup, s if i == 0 else 1, i > 0, t, act, bias))
+                else:
+                    setattr(self, name, block(inp, oup, s if i == 0 else 1, i > 0, t))
                 self._blocks.append(name)
                 inp = oup
             if stage == _TAP_STAGE:
                 self._tap = name
-        s1, s2, s3 = HEAD_CHANNELS
-        self.conv7 = conv_bn(s1, s2, 3, 2)  # 14 -> 7
-        self.conv8 = nn.Conv2d(s2, s3, 7, 1, 0)  # 7 -> 1
-        self.bn8 = nn.BatchNorm2d(s3)  # in every PFLD-pytorch checkpoint; applied only if head_bn
-        self.fc = nn.Linear(s1 + s2 + s3, 2 * config.points)
+        self.conv7 = conv_bn(ch[_S6], ch[_C7], 3, 2, act=act, bias=bias)  # 14 -> 7
+        self.conv8 = nn.Conv2d(ch[_C7], ch[_C8], 7, 1, 0)  # 7 -> 1
+        self.bn8 = nn.BatchNorm2d(ch[_C8])  # in every PFLD-pytorch checkpoint; applied only if head_bn
+        self.fc = nn.Linear(fc_inputs(ch, config.head, config.input_size), 2 * config.points)
 
     @property
     def tap_channels(self) -> int:
-        return scaled_channels(64, self.config.width)
+        return (self.config.channels or width_channels(self.config.width))[_S3]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)) if self.config.head == "pool" else x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -153,9 +256,9 @@ class PFLD(nn.Module):
             x = getattr(self, name)(x)
             if name == self._tap:
                 tap = x
-        s1 = x.mean((2, 3))
+        s1 = self._pool(x)
         x = self.conv7(x)
-        s2 = x.mean((2, 3))
+        s2 = self._pool(x)
         x = self.conv8(x)
         if self.config.head_bn:
             x = self.bn8(x)
@@ -166,14 +269,16 @@ class PFLD(nn.Module):
 class AuxiliaryNet(nn.Module):
     """Pose branch: 28x28 feature -> (yaw, pitch, roll). Used only by the training loss."""
 
-    def __init__(self, in_channels: int = 64) -> None:
+    def __init__(self, in_channels: int = 64, channels: tuple[int, int, int, int] = (128, 128, 32, 128),
+                 act: str = "relu") -> None:
         super().__init__()
-        self.conv1 = conv_bn(in_channels, 128, 3, 2)
-        self.conv2 = conv_bn(128, 128, 3, 1)
-        self.conv3 = conv_bn(128, 32, 3, 2)
-        self.conv4 = conv_bn(32, 128, 7, 1)
+        a, b, c, d = channels  # forks that scale every layer scale these too
+        self.conv1 = conv_bn(in_channels, a, 3, 2, act=act)
+        self.conv2 = conv_bn(a, b, 3, 1, act=act)
+        self.conv3 = conv_bn(b, c, 3, 2, act=act)
+        self.conv4 = conv_bn(c, d, 7, 1, act=act)
         self.max_pool1 = nn.MaxPool2d(3)
-        self.fc1 = nn.Linear(128, 32)
+        self.fc1 = nn.Linear(d, 32)
         self.fc2 = nn.Linear(32, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

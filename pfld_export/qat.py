@@ -54,7 +54,7 @@ from .errors import UsageError
 from .export.equalize import tflite_weight_rounding
 from .export.validate import ShiftStats, shift_stats
 from .io import file_sha256
-from .model import PFLD, LandmarkModel
+from .model import PFLD, LandmarkModel, require_standard
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
 ACT_QMIN, ACT_QMAX = -128, 127  # int8 activations, asymmetric
@@ -178,6 +178,7 @@ class FakeQuantPFLD(nn.Module):
 
     def __init__(self, pfld: PFLD) -> None:
         super().__init__()
+        require_standard(pfld.config, "the int8 simulator (QAT)")
         self.pfld = pfld
         self.mode = "quant"
         self.ranges: dict[str, tuple[float, float]] = {}
@@ -316,6 +317,7 @@ def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
     def before(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         return (noisy(args[0]), *args[1:]) if mod.training else None
 
+    require_standard(pfld.config, "--int8-noise")
     blocks = [getattr(pfld, name) for name in pfld._blocks]
     for name, block in zip(pfld._blocks, blocks):  # checked before any hook goes on: a refusal leaves the model as it was
         seq = getattr(block, "conv", None)

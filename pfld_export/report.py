@@ -66,19 +66,31 @@ def _cell(v: Any) -> str:
 
 def format_info(info: Any) -> str:
     """`pfld-export info` output."""
+    src = getattr(info, "sources", {}) or {}
+
+    def how(*fields: str) -> str:
+        tags = sorted({src[f] for f in fields if f in src})
+        return f"  [{'; '.join(tags)}]" if tags else ""
+
     rows = [
         ("file", info.path),
         ("source format", info.source_format),
-        ("width", info.width),
-        ("points", f"{info.points} ({info.layout})"),
-        ("conv2", info.conv2),
-        ("bn8 after conv8", "yes (older PFLD-pytorch forward)" if info.head_bn else "no (current PFLD-pytorch forward)"),
+        ("width", f"{info.width:g}{how('width')}"),
+        ("channels", f"{', '.join(map(str, info.channels))} (conv1, stages 3-6, conv7, conv8){how('channels')}"),
+        ("points", f"{info.points} ({info.layout}){how('points')}"),
+        ("input size", f"{info.input_size}{how('input_size')}"),
+        ("conv2", f"{info.conv2}{how('conv2')}"),
+        ("conv biases", f"{'yes' if info.conv_bias else 'no'}{how('conv_bias')}"),
+        ("head", f"{'pooled' if info.head == 'pool' else 'flattened'} S1/S2{how('head')}"),
+        ("activation", f"{info.activation}{how('activation')}"),
+        ("bn8 after conv8", ("yes (older PFLD-pytorch forward)" if info.head_bn else "no (current PFLD-pytorch forward)") + how("head_bn")),
         ("parameters", f"{info.parameters:,}"),
-        ("MACs @112x112", f"{info.macs:,} ({info.macs / 1e6:.1f} M)"),
+        (f"MACs @{info.input_size}x{info.input_size}", f"{info.macs:,} ({info.macs / 1e6:.1f} M)"),
         ("float32 weights", f"{info.float32_bytes:,} B ({human_bytes(info.float32_bytes)})"),
         ("int8 weights", f"{info.int8_bytes:,} B ({human_bytes(info.int8_bytes)})"),
         ("auxiliary net", "yes (dropped on export)" if info.has_auxiliary else "no"),
-        ("preprocess", f"{info.preprocess['color']}, x*{info.preprocess['scale']:.6g}, mean {info.preprocess['mean']}, std {info.preprocess['std']}"),
+        ("preprocess", f"{info.preprocess['color']}, x*{info.preprocess['scale']:.6g}, mean {info.preprocess['mean']}, std {info.preprocess['std']}{how('preprocess')}"),
+        ("stage 0", info.stage0),
     ]
     if info.epoch is not None:
         rows.append(("epoch", str(info.epoch)))
@@ -195,6 +207,7 @@ def format_convert(rep: Any) -> str:
         f"source       {rep.source} ({rep.source_kind}, {what})",
         f"preprocess   {rep.preprocess['color']}, x*{rep.preprocess['scale']:.6g}, mean {rep.preprocess['mean']}, std {rep.preprocess['std']}",
         f"calibration  {rep.calibration}",
+        *([f"stage 0      {rep.stage0.summary()}"] if getattr(rep, "stage0", None) is not None else []),
         f"validation   {rep.validation} (shifts are vs {rep.reference_model + ' (--reference)' if rep.reference_model else rep.reference})",
         f"onnx         opset {rep.onnx.opset}, {sum(rep.onnx.op_types.values())} nodes, ORT vs {rep.reference} max "
         f"{par.max_px:.2g} px (tolerance {par.atol_px:g}){' -> ' + str(rep.onnx.path) if rep.onnx_kept else ''}",

@@ -262,6 +262,12 @@ def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None) 
     from .checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path, preprocess=preprocess)
+    if loaded.meta.source_format != "pfld-export":
+        # A foreign checkpoint leaves its activation (and maybe bn8 and preprocessing) open:
+        # measured on synthetic faces by stage 0, never left at a default.
+        from .stage0 import resolve
+
+        loaded, _ = resolve(path, preprocess=preprocess)
     return TorchPredictor(path=path, preprocess=loaded.meta.preprocess, module=loaded.inference_model(),
                           num_points=loaded.meta.model.points, threads=threads, name=path.name)
 

@@ -145,7 +145,7 @@ def test_fixture_mobilenetv3_refused_by_cli() -> None:
     path = fixture_path("checkpoints", "pfld106_mobilenetv3_lite.pth")
     r = CliRunner().invoke(main, ["info", str(path)])
     assert r.exit_code != 0
-    assert "unsupported architecture" in r.output and "model.0.0.weight" in r.output
+    assert "unsupported architecture" in r.output and "model.0.0.weight" in r.output and "--model-class" in r.output
     assert len(r.output.strip().splitlines()) == 1
 
 
@@ -154,3 +154,86 @@ def test_info_cli_prints_inferred_config() -> None:
     r = CliRunner().invoke(main, ["info", str(path)])
     assert r.exit_code == 0, r.output
     assert "0.5" in r.output and "17" in r.output and "depthwise" in r.output and "474,402" in r.output
+
+
+def _public_025x_state_dict() -> dict[str, torch.Tensor]:
+    """A state dict shaped like the public 0.25X PFLD-pytorch model: every layer x0.25 (plain
+    int rounding, so conv6_1 / conv7 / conv8 are 4 / 8 / 32), ReLU, 98 points, trained bn8."""
+    from pfld_export.model import PFLD
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(width=0.25, points=98, channels=(16, 16, 32, 32, 4, 8, 32), head_bn=True)
+    net = PFLD(cfg)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.state_dict()
+
+
+def test_public_025x_every_layer_scaled_loads_with_its_channels(tmp_path: Path) -> None:
+    sd = _public_025x_state_dict()
+    torch.save({"epoch": 3, "pfld_backbone": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "public.pth.tar")
+    loaded = load_checkpoint(tmp_path / "public.pth.tar")
+    cfg = loaded.meta.model
+    assert cfg.channels == (16, 16, 32, 32, 4, 8, 32) and cfg.width == 0.25 and cfg.points == 98 and cfg.head_bn
+    assert loaded.meta.provenance["open"] == ["activation"]
+    assert loaded.meta.provenance["inferred"]["channels"] == "tensors"
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_variants_inferred_from_tensors(tmp_path: Path) -> None:
+    from pfld_export.model import PFLD
+
+    cfg = ModelConfig(width=0.5, points=5, conv2="depthwise", channels=(32, 32, 64, 64, 16, 32, 128), conv_bias=True,
+                      head="flatten", input_size=128)
+    torch.save(PFLD(cfg).state_dict(), tmp_path / "v.pth")
+    got = load_checkpoint(tmp_path / "v.pth").meta.model
+    assert (got.conv_bias, got.head, got.input_size, got.points, got.conv2) == (True, "flatten", 128, 5, "depthwise")
+    assert load_checkpoint(tmp_path / "v.pth").meta.preprocess.input_size == 128
+    forced = load_checkpoint(tmp_path / "v.pth", overrides={"activation": "relu6"})
+    assert forced.meta.model.activation == "relu6" and forced.meta.provenance["inferred"]["activation"] == "flag"
+    assert forced.meta.provenance["open"] == []
+
+
+def test_untouched_bn8_statistics_with_trained_affine_are_left_open(tmp_path: Path) -> None:
+    pfld, _ = build_model(0.25, 98)
+    sd = pfld.state_dict()
+    sd["bn8.weight"] = sd["bn8.weight"] * 1.5
+    torch.save(sd, tmp_path / "amb.pth")
+    assert load_checkpoint(tmp_path / "amb.pth").meta.provenance["open"] == ["activation", "head_bn"]
+
+
+def test_unknown_keys_name_closest_layout_first_mismatch_and_model_class(tmp_path: Path) -> None:
+    torch.save({"backbone.stem.weight": torch.zeros(8, 3, 3, 3), "head.fc.weight": torch.zeros(10, 8)}, tmp_path / "g.pth")
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        load_checkpoint(tmp_path / "g.pth")
+    msg = str(e.value)
+    assert "closest known layout: PFLD-pytorch" in msg and "first missing tensor conv1.weight" in msg
+    assert "--model-class" in msg and "\n" not in msg
+
+
+# --- stage 0 on the real fork checkpoint and its author's export ---
+
+def test_stage0_fork_activation_matches_its_authors_export() -> None:
+    from pfld_export.errors import ToleranceError
+    from pfld_export.stage0 import resolve, synthetic_crops
+
+    ckpt = fixture_path("checkpoints", "pfld17_w050_relu6_epoch68.pth.tar")
+    ref = fixture_path("checkpoints", "pfld17_w050_relu6_epoch68_fork_export.onnx")
+    crops = synthetic_crops(12)
+    loaded, res = resolve(ckpt, crops, preprocess=Preprocess(layout="custom17"), reference_onnx=ref)
+    assert loaded.meta.model.activation == "relu6" and res.reference is not None and res.reference["max_diff"] <= 1e-4
+    assert res.reference["candidates"]["relu"] > 0.1  # plain ReLU is a different network
+    with pytest.raises(ToleranceError, match="stage 0"):
+        resolve(ckpt, crops, flags={"activation": "relu"}, preprocess=Preprocess(layout="custom17"), reference_onnx=ref)
+
+
+def test_stage0_measures_relu6_on_faces_without_a_reference() -> None:
+    from pfld_export.stage0 import resolve, synthetic_crops
+
+    ckpt = fixture_path("checkpoints", "pfld17_w050_relu6_epoch68.pth.tar")
+    loaded, res = resolve(ckpt, synthetic_crops(24), preprocess=Preprocess(layout="custom17"))
+    assert loaded.meta.model.activation == "relu6" and res.how["activation"] == "measured"
+    assert res.margins["activation"] >= 0.02 and res.plausibility.outside <= 0.02

@@ -169,3 +169,48 @@ def test_ghostone_onnx(tmp_path: Path) -> None:
     # Its four whole-map AveragePools (56, 28, 14, 7 px) were rewritten to ReduceMean (the int8 head pitfall).
     assert len(rep["onnx"]["rewrites"]) == 4
     assert {f["format"]: f["passed"] for f in rep["formats"]} == {"fp32": True, "int8": True, "full-int8": True}
+
+
+# ------------------------------------------------------------------ stage 0: the network its authors trained
+
+FORK = "pfld17_w050_relu6_epoch68"
+
+
+def _fork_onnx_diff(ours: Path, theirs: Path, n: int = 4) -> float:
+    """Max difference of the landmark outputs on random inputs (the fork's export keeps its
+    weights as graph inputs and puts the 28x28 feature first: pick the 34-value output)."""
+    import numpy as np
+
+    from pfld_export.runtime import open_predictor
+    from pfld_export.stage0 import reference_outputs
+
+    x = np.random.default_rng(0).random((n, 3, 112, 112), dtype=np.float32)
+    ref = reference_outputs(theirs, x, 34)
+    sess = open_predictor(ours).session  # type: ignore[attr-defined]
+    got = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0].reshape(1, -1) for i in range(n)])
+    return float(np.abs(got - ref).max())
+
+
+@pytest.mark.slow
+def test_fork_checkpoint_reproduces_its_authors_onnx_without_hint_flags(tmp_path: Path) -> None:
+    ckpt_path = fixture_path("checkpoints", f"{FORK}.pth.tar")
+    out = tmp_path / "out"
+    result = _run(ckpt_path, "--formats", "fp32", "--calib", fixture_path("unlabeled"), "--keep-onnx", "--out", out)
+    assert result.exit_code == 0, result.output
+    rep = _report(out)
+    assert rep["model"]["activation"] == "relu6" and rep["stage0"]["how"]["activation"] == "measured"
+    assert "stage 0" in result.output
+    assert _fork_onnx_diff(out / f"{FORK}.onnx", fixture_path("checkpoints", f"{FORK}_fork_export.onnx")) <= 1e-4
+
+
+@pytest.mark.slow
+def test_reference_onnx_passes_and_a_wrong_activation_is_refused(tmp_path: Path) -> None:
+    ckpt_path = fixture_path("checkpoints", f"{FORK}.pth.tar")
+    ref = fixture_path("checkpoints", f"{FORK}_fork_export.onnx")
+    common = ("--formats", "fp32", "--calib", fixture_path("unlabeled"), "--reference-onnx", ref)
+    ok = _run(ckpt_path, *common, "--out", tmp_path / "ok")
+    assert ok.exit_code == 0, ok.output
+    assert _report(tmp_path / "ok")["stage0"]["how"]["activation"] == "reference ONNX"
+    line = _one_error(_run(ckpt_path, *common, "--activation", "relu", "--out", tmp_path / "bad"), 6)
+    assert "stage 0" in line and "exceeds tolerance 0.0001" in line
+    assert not (tmp_path / "bad" / f"{FORK}_fp32.tflite").exists()

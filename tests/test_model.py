@@ -49,7 +49,45 @@ def test_mean_head_equals_avgpool_view() -> None:
     assert torch.allclose(x.mean((2, 3)), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [{"width": 0.3}, {"points": 0}, {"conv2": "grouped"}, {"input_size": 128}])
+@pytest.mark.parametrize("bad", [{"width": 0.3}, {"points": 0}, {"conv2": "grouped"}, {"input_size": 120},
+                                 {"activation": "gelu"}, {"head": "attention"}, {"channels": (8, 8)}])
 def test_bad_config_is_refused(bad: dict) -> None:
     with pytest.raises(UsageError):
         ModelConfig(**bad)
+
+
+def test_variant_fields_shape_the_network() -> None:
+    # Every fork variant changes the module tree or the forward exactly where it says.
+    channels = (16, 16, 32, 32, 4, 8, 32)  # the public 0.25X: every layer scaled, head included
+    cfg = ModelConfig(width=0.25, points=5, channels=channels, activation="relu6", conv_bias=True, head="flatten", input_size=128)
+    pfld, _ = build_model(0.25, 5)
+    from pfld_export.model import PFLD
+
+    net = PFLD(cfg).eval()
+    assert net.conv1.bias is not None and net.conv7[0].bias is not None and pfld.conv1.bias is None
+    assert isinstance(net.relu, torch.nn.ReLU6) and isinstance(net.conv3_1.conv[2], torch.nn.ReLU6)
+    assert net.conv8.out_channels == 32 and net.conv7[0].out_channels == 8
+    # flatten head at 128: S1 16x16x4, S2 8x8x8, conv8 2x2x32
+    assert net.fc.in_features == 4 * 16 * 16 + 8 * 8 * 8 + 32 * 2 * 2
+    tap, lm = net(torch.rand(2, 3, 128, 128))
+    assert lm.shape == (2, 10) and tap.shape == (2, 16, 32, 32)
+
+
+def test_relu6_differs_from_relu_only_above_six() -> None:
+    from pfld_export.model import PFLD
+
+    torch.manual_seed(0)
+    a = PFLD(ModelConfig(width=0.25, points=3)).eval()
+    b = PFLD(ModelConfig(width=0.25, points=3, activation="relu6")).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(1, 3, 112, 112)
+    assert torch.equal(a(x * 0)[1], b(x * 0)[1]) or torch.allclose(a(x * 0)[1], b(x * 0)[1])
+    assert not torch.allclose(a(x * 200)[1], b(x * 200)[1])  # large activations clip at 6
+
+
+def test_standard_anatomy_guards_pfld_specific_rewrites() -> None:
+    from pfld_export.model import require_standard
+
+    require_standard(ModelConfig(width=0.5), "equalisation")
+    with pytest.raises(UsageError, match="ReLU6.*generic int8 methods"):
+        require_standard(ModelConfig(width=0.5, activation="relu6"), "equalisation")

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ToleranceError, UsageError
-from ..model import PFLD, HEAD_CHANNELS, InvertedResidual, LandmarkModel
+from ..model import PFLD, InvertedResidual, LandmarkModel, require_standard
 
 # Equalisation must not move float landmarks more than this (px at 112). The rescaled weights are
 # stored in float32, so the rewrite is exact only up to their rounding: <= 1.2e-5 px on trained
@@ -257,6 +257,7 @@ def equalize(model: LandmarkModel | PFLD, inputs: np.ndarray | torch.Tensor, cfg
     """
     cfg = cfg or EqualizeConfig()
     net = _wrapped(model)
+    require_standard(net.pfld.config, "cross-layer equalisation")
     x = torch.as_tensor(np.asarray(inputs, np.float32))
     if x.dim() != 4 or x.shape[1] != 3:
         raise UsageError(f"equalize needs float NCHW inputs [N, 3, H, W], got shape {tuple(x.shape)}")
@@ -317,7 +318,7 @@ def _equalize_head(net: LandmarkModel, x: torch.Tensor, cfg: EqualizeConfig) -> 
     f = head_features(net, x).abs().double()
     r = f.amax(0) if cfg.percentile >= 100 else torch.quantile(f, cfg.percentile / 100.0, dim=0)
     k = _factors(r, float(r.max()), cfg.alpha, cfg.max_scale)
-    c1, c2, _ = HEAD_CHANNELS
+    c1, c2 = pfld.config.channels[-3:-1]  # type: ignore[index]  # S1 (stage 6) and S2 (conv7)
     k1, k2, k3 = k[:c1], k[c1 : c1 + c2], k[c1 + c2 :]
     last = getattr(pfld, pfld._blocks[-1])
     with torch.no_grad():
@@ -390,6 +391,7 @@ def bias_correct(model: LandmarkModel, inputs: np.ndarray | torch.Tensor) -> Bia
     (so corrections do not double count), and subtracted from the bias (BN beta, conv8 or FC
     bias). Works on a copy; returns it.
     """
+    require_standard(model.pfld.config, "bias correction")
     net = copy.deepcopy(model).eval()
     before_net = copy.deepcopy(net)
     x = torch.as_tensor(np.asarray(inputs, np.float32))

@@ -606,6 +606,12 @@ def fit_int8(
         fixes = ([] if equalized_qat else fixes) + (["bias"] if "equalize+bias" in fixes else [])
     if fixes and loaded is None:
         say("weight fixes skipped: an ONNX source has no PyTorch weights to rewrite")
+    elif fixes and not _rewritable(loaded):
+        # Equalisation and bias correction index into PFLD-pytorch's own anatomy; a variant
+        # (ReLU6 clips, so channel scales do not commute with it) or a user's class gets the
+        # generic methods only.
+        say("weight fixes skipped: equalise / bias correction are written for PFLD-pytorch's anatomy, "
+            "not this network's; the generic methods remain")
     elif fixes:
         for m, (fixed, names) in zip(fixes, _fixed_weights(loaded, calib.crops, pre, fixes, cfg.equalize_alpha)):
             say(f"calibrating {m}")
@@ -666,6 +672,12 @@ def fit_int8(
         if cfg.measure_latency and best.method != "plain":
             fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], pre)[0]
     return fit
+
+
+def _rewritable(loaded: Any) -> bool:
+    """Whether the PFLD-specific weight rewrites apply: a built-in PFLD of the standard anatomy."""
+    config = getattr(getattr(loaded, "meta", None), "model", None)
+    return bool(getattr(config, "standard", False)) and getattr(loaded.meta, "source_format", "") != "model-class"
 
 
 def _bias_corrected(method: str) -> bool:

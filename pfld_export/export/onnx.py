@@ -102,8 +102,9 @@ def to_onnx(loaded: LoadedModel, cfg: OnnxConfig) -> OnnxArtifact:
             )
         except Exception as e:  # torch raises a zoo of types from the tracer/exporter
             raise ConversionError(f"ONNX export failed ({type(e).__name__}: {_first_line(e)}); try another --opset") from None
-    meta = {ONNX_META_MODEL: json.dumps(loaded.meta.model.to_dict(), sort_keys=True)}
-    return _finish(buf.getvalue(), loaded.meta.preprocess, cfg, meta, model=loaded.meta.model.to_dict())
+    model = loaded.meta.model.to_dict() if loaded.meta.model is not None else None
+    meta = {ONNX_META_MODEL: json.dumps(model, sort_keys=True)} if model is not None else {}
+    return _finish(buf.getvalue(), loaded.meta.preprocess, cfg, meta, model=model)
 
 
 def import_onnx(path: Path, preprocess: Preprocess | None, cfg: OnnxConfig) -> OnnxArtifact:

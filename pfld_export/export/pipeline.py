@@ -22,7 +22,7 @@ from ..io import atomic_write_json
 from ..layouts import get_layout
 from ..preprocess import Preprocess
 from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, ONNX_META_MODEL, ONNX_META_PREPROCESS
-from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation
+from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation, is_synthetic
 from .formats import parse_size, select_formats
 from .onnx import PARITY_ATOL_PX, OnnxArtifact, OnnxConfig, ParityResult, check_parity, import_onnx, to_onnx
 from .tflite import TfliteArtifact, TfliteConfig, to_tflite
@@ -67,6 +67,15 @@ class ConvertConfig:
     # Float model the shift and NME-increase checks are measured against instead of the source's
     # own float (a QAT checkpoint is read against its teacher: the landmarks the user validated).
     reference: Path | None = None
+    # Stage 0: choices the tensors cannot tell (None: measured) and the author's own export to match.
+    activation: str | None = None
+    bn8: bool | None = None
+    reference_onnx: Path | None = None
+    # Bring your own network (usermodel.py): FILE:Class, constructor JSON, landmark output, its scale.
+    model_class: str | None = None
+    model_args: str | None = None
+    output_index: int | None = None
+    output_scale: float | None = None
 
 
 @dataclass
@@ -104,6 +113,7 @@ class ConvertReport:
     report_path: Path
     tool_version: str = __version__
     int8_fit: Any | None = None  # mixed.Int8Fit when the int8 variants were fitted (methods / budgets)
+    stage0: Any | None = None  # stage0.Stage0Result: the float model checked before anything converted
     reference_model: str | None = None  # --reference: the float model shifts were measured against
     passed: bool = field(init=False)
 
@@ -131,18 +141,21 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     stage = _stage_timer(timings, progress)
     with stage("load"):
         src = load_source(cfg)
-        target = _reference(cfg, src)
     name = cfg.name or _stem(src.path)
     vcfg = ValidateConfig(size_budget=size_budget)
     if cfg.eval_data:  # before converting: a bad spec or point layout should fail in seconds
-        with stage("reference NME"):
-            from ..data.specs import load_spec
+        from ..data.specs import load_spec
 
-            vcfg.eval_records = load_spec(cfg.eval_data, cache_dir=cfg.cache_dir).records
-            vcfg.reference_nme = nme_of(target, vcfg.eval_records)
+        vcfg.eval_records = load_spec(cfg.eval_data, cache_dir=cfg.cache_dir).records
     with stage("calibration crops"):
         calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.val_images, src.preprocess, cfg.calib_count,
                                                 cfg.val_count, cfg.seed, cfg.detector, cfg.cache_dir)
+    with stage("stage 0"):
+        s0 = settle_source(cfg, src, calib)
+        target = _reference(cfg, src)
+    if cfg.eval_data:
+        with stage("reference NME"):
+            vcfg.reference_nme = nme_of(target, vcfg.eval_records)
     with tempfile.TemporaryDirectory(prefix="pfld-convert-") as tmp:
         ocfg = OnnxConfig(path=(out if cfg.keep_onnx else Path(tmp)) / f"{name}.onnx", opset=cfg.opset, source=str(src.path))
         with stage("onnx"):
@@ -181,7 +194,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
         preprocess=src.preprocess.to_dict(), calibration=calib.description, validation=val.description, onnx=art,
         onnx_kept=cfg.keep_onnx, parity=parity, artifacts=artifacts, formats=rows, size_budget=size_budget,
         eval_data=cfg.eval_data, reference_nme=vcfg.reference_nme, timings=timings, report_path=out / "report.json",
-        int8_fit=fit, reference_model=str(cfg.reference) if cfg.reference else None,
+        int8_fit=fit, reference_model=str(cfg.reference) if cfg.reference else None, stage0=s0,
     )
     from ..report import to_jsonable
 
@@ -211,6 +224,8 @@ def load_source(cfg: ConvertConfig) -> Source:
         pre = dataclasses.replace(base, **override)
         ref.preprocess = pre
         return Source(kind="onnx", path=path, preprocess=pre, reference=ref, model=model)
+    if cfg.model_class is not None:
+        return _user_source(cfg, path, override)
     from ..checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
@@ -219,6 +234,56 @@ def load_source(cfg: ConvertConfig) -> Source:
     loaded.meta.preprocess = pre
     ref = TorchPredictor(path=path, preprocess=pre, module=loaded.inference_model(), num_points=loaded.meta.model.points, name=path.name)
     return Source(kind="checkpoint", path=path, preprocess=pre, reference=ref, model=loaded.meta.model.to_dict(), loaded=loaded)
+
+
+def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
+    """Stage 0 on the calibration faces: a checkpoint's open choices settled (flags, the author's
+    export, or measured) and its float model checked for plausibility; `src` is updated in place.
+    Returns the `stage0.Stage0Result` (None for an ONNX source: its graph is the author's)."""
+    from .. import stage0
+
+    if src.kind != "checkpoint":
+        if cfg.reference_onnx is not None or cfg.activation is not None or cfg.bn8 is not None:
+            raise UsageError("--reference-onnx / --activation / --bn8 describe a PyTorch checkpoint; an ONNX source already is its graph")
+        return None
+    flags = {k: v for k, v in (("activation", cfg.activation), ("head_bn", cfg.bn8)) if v is not None}
+    override = _pre_override(cfg)
+    explicit = dataclasses.replace(src.preprocess, **override) if override else None
+    what = "synthetic faces" if is_synthetic(cfg.calib or "synthetic") else "calibration faces"
+    if cfg.model_class is not None:
+        if flags:
+            raise UsageError("--activation / --bn8 describe the built-in PFLD; a --model-class network is defined by its own code")
+        user = src.loaded
+        loaded, result = stage0.resolve_with(lambda _: user, src.path, calib.crops, what, {}, explicit, cfg.reference_onnx)
+    else:
+        loaded, result = stage0.resolve(src.path, calib.crops, what, flags, explicit, cfg.reference_onnx)
+    if result.reference is None:
+        stage0.require_plausible(result, src.path.name)
+    src.loaded, src.preprocess = loaded, loaded.meta.preprocess
+    src.model = loaded.meta.model.to_dict() if loaded.meta.model is not None else None
+    src.reference = TorchPredictor(path=src.path, preprocess=src.preprocess, module=loaded.inference_model(),
+                                   num_points=loaded.num_points, name=src.path.name)
+    return result
+
+
+def _pre_override(cfg: ConvertConfig) -> dict[str, Any]:
+    return {k: v for k, v in (("color", cfg.color), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+
+
+def _user_source(cfg: ConvertConfig, path: Path, override: dict[str, Any]) -> Source:
+    """A --model-class network: the user's class, its weights, the landmark output picked."""
+    from ..preprocess import Preprocess
+    from ..stage0 import synthetic_crops
+    from ..usermodel import ModelClassSpec, load_user_model
+
+    if cfg.width is not None:
+        raise UsageError("--width describes PFLD's multiplier; a --model-class network has none: drop --width")
+    spec = ModelClassSpec.parse(cfg.model_class or "", cfg.model_args, cfg.output_index, cfg.output_scale)
+    explicit = Preprocess(input_size=spec.input_size, **override) if override else None
+    loaded = load_user_model(spec, path, synthetic_crops(16, spec.input_size), explicit)
+    pre = loaded.meta.preprocess
+    ref = TorchPredictor(path=path, preprocess=pre, module=loaded.inference_model(), num_points=loaded.num_points, name=path.name)
+    return Source(kind="checkpoint", path=path, preprocess=pre, reference=ref, model=None, loaded=loaded)
 
 
 def _reference(cfg: ConvertConfig, src: Source) -> Predictor:
