@@ -119,13 +119,16 @@ def _torch_load(path: Path) -> Any:
                 "accepted, because unpickling it would run that code. Re-save it where its code lives with "
                 "torch.save(model.state_dict(), 'weights.pth')"
             ) from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(msg)}); is it truncated or another format?") from None
+        # PyTorch's own text here advises re-running with weights_only=False (unsafe unpickling of an
+        # unknown file) and is cut mid-sentence by _first_line: never pass it on.
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save file: truncated, corrupt or "
+                              "another format); check the file or re-save it with torch.save") from None
     except Exception as e:  # torch raises many types for truncated/foreign files (struct.error, KeyError…)
         if isinstance(e, FileNotFoundError) or not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
+        detail = "" if "weights_only" in str(e) else f" ({type(e).__name__}: {_first_line(str(e))})"
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint ({type(e).__name__}: {_first_line(str(e))}); "
-            "is it truncated or another format?"
+            f"{path} is not a readable torch checkpoint{detail}; is it truncated or another format?"
         ) from None
 
 

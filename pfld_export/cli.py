@@ -6,6 +6,7 @@ exit code here.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Any, Callable, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__
-from .errors import PfldError
+from .errors import OutputError, PfldError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +32,14 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as e:
+            # Our own outputs already fail as OutputError (io.py); this catches a full or read-only
+            # disk met by a third-party writer (onnx2tf's temp files, TensorFlow, caches).
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror}{where}; free space (or check $TMPDIR) and re-run", err=True)
+            sys.exit(OutputError.exit_code)
 
     return wrapper  # type: ignore[return-value]
 

@@ -33,6 +33,18 @@ class ShapeMismatchError(CheckpointError):
     """The state dict does not fit the model built for it."""
 
 
+class ModelFileError(CheckpointError):
+    """A model file (.onnx, .tflite) that cannot be read, or that is not a landmark model."""
+
+
+class OutputError(UsageError):
+    """An output file could not be written (disk full, read-only or vanished folder).
+
+    Same exit code as the other output-folder refusals: the fix is the same (free space or
+    choose another --out).
+    """
+
+
 class DataError(PfldError):
     """Annotation files, image folders or dataset specs that cannot be used."""
 

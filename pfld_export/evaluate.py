@@ -284,7 +284,7 @@ def run_eval(cfg: EvalRunConfig, progress: Progress | None = None) -> EvalReport
     """Open `cfg.model` (preprocessing from its metadata, CLI overrides win), load `cfg.data`,
     evaluate, and write `eval.json` and `ced.png` to `cfg.out_dir` (atomically)."""
     from .data.specs import load_spec
-    from .io import atomic_write_json
+    from .io import file_set
     from .metrics import plot_ced
     from .runtime import open_predictor
 
@@ -299,7 +299,10 @@ def run_eval(cfg: EvalRunConfig, progress: Progress | None = None) -> EvalReport
     report = EvalReport(result=result, model=predictor.describe(), preprocess=predictor.preprocess.to_dict(),
                         data=data.description, problems=list(data.problems), json_path=out / "eval.json",
                         ced_path=out / "ced.png")
-    atomic_write_json(report.json_path, eval_json(report))
-    plot_ced({model.name: result.nme_per_face}, report.ced_path, threshold=cfg.eval.threshold,
-             title=f"CED on {cfg.data} ({result.count} faces)", xlabel=f"NME ({result.norm.split(' (')[0]})")
+    # One result set: a full disk must not leave eval.json without its ced.png (or the reverse).
+    with file_set() as files:
+        files.write_json(report.json_path, eval_json(report))
+        plot_ced({model.name: result.nme_per_face}, report.ced_path, threshold=cfg.eval.threshold,
+                 title=f"CED on {cfg.data} ({result.count} faces)", xlabel=f"NME ({result.norm.split(' (')[0]})",
+                 files=files)
     return report

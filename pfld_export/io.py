@@ -6,15 +6,21 @@ file in the same directory, is flushed and fsynced, then `os.replace`d into plac
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
+
+# errno values that mean "this output cannot be written here", not a bug in the writer.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG, errno.ENOENT}
 
 
 def _check_dir(path: Path) -> None:
@@ -34,12 +40,17 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     Use it for writers that want a file name (cv2.imwrite, torch.save, matplotlib savefig).
     `suffix` defaults to the destination's suffix, because some writers pick the format from it.
     """
+    # Write failures (disk full, read-only folder, ...) become one `OutputError` here, the one
+    # place every file passes through, instead of a traceback from whichever writer hit them.
     dest = Path(path)
     _check_dir(dest)
     # Hidden temp name in the same folder (same filesystem, so os.replace is atomic), keeping the
     # destination's suffix because cv2.imwrite / savefig choose the format from it.
     sfx = dest.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=sfx, dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=sfx, dir=dest.parent)
+    except OSError as e:
+        raise _output_error(dest, e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,8 +60,113 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         # mkstemp creates 0600; a deliverable gets what any other new file would (0666 - umask).
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        err = _write_failure(dest, e)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def _write_failure(dest: Path, e: BaseException) -> OutputError | None:
+    """The typed error for a failed write, or None when `e` is not about the output (a bug,
+    an interrupt, a typed error of the writer's own)."""
+    if isinstance(e, OutputError):
+        return e
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        # An error about some other file (an input the writer reads) is not an output failure.
+        if e.filename is None or Path(os.fsdecode(e.filename)).parent == dest.parent:
+            return _output_error(dest, e)
+        return None
+    # Some writers (torch.save's zip writer, encoders) report a short write as a RuntimeError
+    # ("unexpected pos ..."): a full disk is then the cause worth naming.
+    if isinstance(e, (RuntimeError, ValueError)) and _disk_full(dest.parent):
+        return _output_error(dest, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return None
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    # "Full" for a writer that just failed: less than one block (or one inode) left.
+    return st.f_bavail * st.f_frsize < max(st.f_frsize, 4096) or (st.f_files > 0 and st.f_favail == 0)
+
+
+def _output_error(dest: Path, e: OSError) -> OutputError:
+    fix = {errno.ENOSPC: "free space there or choose another --out", errno.EDQUOT: "free space there or choose another --out",
+           errno.EFBIG: "choose another --out"}.get(e.errno or 0, "choose a writable --out")
+    return OutputError(f"cannot write {dest} ({e.strerror or e}); {fix}")
+
+
+@dataclass
+class FileSet:
+    """Files that are written together or not at all (a result set such as eval.json + ced.png).
+
+    `path(dest)` hands out a temp path beside `dest`; nothing appears at any destination until
+    every member is written and synced, and a failure in any member removes them all.
+    """
+
+    _staged: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def path(self, dest: str | os.PathLike[str], suffix: str | None = None) -> Path:
+        """A temp path to write `dest` into (the writer picks the format from its suffix)."""
+        d = Path(dest)
+        _check_dir(d)
+        sfx = d.suffix if suffix is None else suffix
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{d.name}.tmp-", suffix=sfx, dir=d.parent)
+        except OSError as e:
+            raise _output_error(d, e) from None
+        os.close(fd)
+        self._staged.append((Path(tmp), d))
+        return Path(tmp)
+
+    def write_bytes(self, dest: str | os.PathLike[str], data: bytes) -> Path:
+        tmp = self.path(dest)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            raise _output_error(Path(dest), e) from None
+        return Path(dest)
+
+    def write_json(self, dest: str | os.PathLike[str], obj: Any) -> Path:
+        return self.write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+    def _commit(self) -> None:
+        mode = 0o666 & ~_umask()
+        for tmp, dest in self._staged:
+            try:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, mode)
+            except OSError as e:
+                raise _output_error(dest, e) from None
+        # Renames take no space: once every member is on disk the set appears in one go.
+        for tmp, dest in self._staged:
+            os.replace(tmp, dest)
+        self._staged.clear()
+
+    def _discard(self) -> None:
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+
+@contextmanager
+def file_set() -> Iterator[FileSet]:
+    """Write several files as one result set: all appear at the end, or none (see `FileSet`)."""
+    fs = FileSet()
+    try:
+        yield fs
+        fs._commit()
+    except BaseException as e:
+        dests = [d for _, d in fs._staged]
+        fs._discard()
+        err = next((x for x in (_write_failure(d, e) for d in dests[-1:]) if x is not None), None)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -65,6 +181,39 @@ def _umask() -> int:
     mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def locked_dir(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder for a whole run (created if needed).
+
+    Two runs writing one folder would leave a report describing only the last writer; the
+    second now stops at once. The lock is flock(2) on the folder itself (no lock file left
+    behind; the kernel drops it if the process dies). A folder this run created and left empty
+    (an early failure) is removed again.
+    """
+    d = Path(path)
+    created = not d.exists()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {d}: {e.strerror}; choose a writable {flag}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another pfld-export run is writing into {d}; wait for it to finish or choose another {flag}") from None
+        try:
+            yield d
+        finally:
+            if created:
+                try:
+                    d.rmdir()  # only succeeds when nothing was written
+                except OSError:
+                    pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

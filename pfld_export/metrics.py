@@ -21,7 +21,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from .errors import DataError, UsageError
-from .io import atomic_path
+from .io import FileSet, atomic_path
 from .layouts import PointLayout
 
 Norm = Literal["inter-ocular", "inter-pupil", "box"]
@@ -133,8 +133,12 @@ def plot_ced(
     threshold: float = 0.1,
     title: str = "Cumulative error distribution",
     xlabel: str = "NME",
+    files: FileSet | None = None,
 ) -> Path:
-    """Write a CED plot (one curve per name, legend with AUC and failure rate) as PNG, atomically."""
+    """Write a CED plot (one curve per name, legend with AUC and failure rate) as PNG, atomically.
+
+    With `files`, the plot joins that result set (it appears only when the whole set does).
+    """
     if not curves:
         raise UsageError("plot_ced needs at least one curve")
     # The object API with an explicit Agg canvas: no pyplot global state, no display needed.
@@ -155,6 +159,9 @@ def plot_ced(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    if files is not None:
+        fig.savefig(files.path(path, suffix=".png"), format="png")
+        return Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)

@@ -315,13 +315,17 @@ class FaceEngine:
 
 
 def _classify(inputs: Sequence[Path]) -> Iterator[tuple[str, Path]]:
-    """('image' | 'video' | 'missing', path) for every input; folders expand to their image and
-    video files (sorted, not recursive)."""
+    """('image' | 'video' | 'missing' | 'empty', path) for every input; folders expand to their
+    image and video files (sorted, not recursive); a folder with none is 'empty'."""
     for p in inputs:
         if p.is_dir():
+            found = False
             for f in sorted(p.iterdir()):
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+                    found = True
                     yield ("video" if f.suffix.lower() in VIDEO_SUFFIXES else "image"), f
+            if not found:
+                yield "empty", p
         elif not p.exists():
             yield "missing", p
         elif p.suffix.lower() in VIDEO_SUFFIXES:
@@ -369,6 +373,9 @@ def predict(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -
             progress(str(path))
         if kind == "missing":
             result.problems.append(LoadProblem(str(path), f"input {path} does not exist; check the path"))
+        elif kind == "empty":
+            result.problems.append(LoadProblem(str(path), f"folder {path} holds no image or video files "
+                                               f"({', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)}); check the path"))
         elif kind == "video":
             try:
                 result.videos.append(_predict_video(engine, path, cfg, result, used))
@@ -392,6 +399,11 @@ def predict(cfg: PredictConfig, progress: Callable[[str], None] | None = None) -
                 if cfg.grid:
                     sheet.append((_fit(overlay, 512), f"{path.name}: {len(faces)}"))
             result.items.append(item)
+    if not result.items:
+        # Nothing was read: success (exit 0, an empty predictions.json) would hide that.
+        first = result.problems[0] if result.problems else None
+        more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
+        raise DataError(f"no input could be processed: {first.reason}{more}" if first else "no input could be processed; pass image files, folders or a video file")
     if cfg.out is not None:
         if cfg.grid and sheet:
             grid_path = cfg.out / _unique_name("grid", ".jpg", used)
@@ -412,7 +424,7 @@ def _predict_video(engine: FaceEngine, path: Path, cfg: PredictConfig, result: P
     with the latest overlay, so it keeps the source's frame count and frame rate."""
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
-        raise DataError(f"cannot open video {path}: OpenCV has no decoder for it; convert it to .mp4 (H.264/MPEG-4)")
+        raise DataError(_unreadable_video(path))
     fps = float(cap.get(cv2.CAP_PROP_FPS)) or 25.0
     try:
         if cfg.out is None:
@@ -426,6 +438,15 @@ def _predict_video(engine: FaceEngine, path: Path, cfg: PredictConfig, result: P
         cap.release()
     return VideoOutput(source=str(path), output=str(dest) if dest else None, frames_read=read,
                        frames_processed=processed, fps=fps)
+
+
+def _unreadable_video(path: Path) -> str:
+    """Why a video did not open, with advice that fits: re-encoding helps a rare codec, not a
+    damaged file (an .mp4 that does not open is usually truncated or not a video at all)."""
+    if path.suffix.lower() in (".mp4", ".m4v"):
+        return (f"cannot read video {path}: OpenCV cannot open it (a damaged or truncated file, or a codec it lacks); "
+                "check that it plays, and re-encode it as H.264 if it does")
+    return f"cannot open video {path}: OpenCV has no decoder for it; convert it to .mp4 (H.264)"
 
 
 def _video_loop(engine: FaceEngine, cap: Any, path: Path, cfg: PredictConfig, result: PredictResult,

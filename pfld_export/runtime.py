@@ -13,17 +13,22 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import ModelFileError, UsageError
 from .layouts import get_layout
 from .preprocess import Preprocess
 
 ONNX_META_PREPROCESS = "pfld_export.preprocess"
 ONNX_META_MODEL = "pfld_export.model"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin")
+MIN_POINTS = 3  # fewer points cannot place a face (the smallest real layout, 5-point, is above it)
+# A probe face's landmarks must lie within this many crop widths of the crop: a landmark model's
+# outputs are crop fractions, so anything far outside is not landmarks (or the preprocessing is
+# badly wrong). Generous, so that untrained test models still pass.
+PLAUSIBLE_CROPS = 10.0
 
 
 @runtime_checkable
@@ -251,11 +256,64 @@ def read_sidecar(model_path: Path) -> dict[str, Any] | None:
         raise UsageError(f"sidecar {p} is not valid JSON ({e}); delete it or re-run convert") from None
 
 
-def onnx_metadata(path: Path) -> dict[str, str]:
+def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
+    """The one check of a thread count, for every command: None (the runtime's default) or >= 1."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"{flag} must be positive (a whole number of 1 or more), got {threads!r}; e.g. {flag} 1, "
+                         "or leave it out for the runtime's default")
+    return threads
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def load_onnx(path: Path, load_external_data: bool = False) -> Any:
+    """`onnx.load` that turns an empty, truncated or non-ONNX file into one typed error.
+
+    Every command that reads an .onnx comes through here (or `_open_onnx`), so a corrupt file
+    reads the same everywhere instead of a protobuf traceback.
+    """
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    try:
+        m = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:  # protobuf DecodeError, onnx's own errors, OSError: all mean "unreadable"
+        raise ModelFileError(f"{path} is not a readable ONNX model ({_first_line(e)}); check the file or re-export it") from None
+    if not m.graph.node and not m.graph.output:
+        # protobuf happily parses an empty (or some truncated) file into an empty model.
+        raise ModelFileError(f"{path} is not a readable ONNX model (no graph in it: empty or truncated); check the file or re-export it")
+    return m
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    m = load_onnx(path)
     return {p.key: p.value for p in m.metadata_props}
+
+
+def landmark_points(shape: Sequence[Any], where: str) -> int | None:
+    """Point count N of a landmark output shaped [1, 2N] (or [1, N, 2]); None when N is dynamic.
+
+    The one definition of "a landmark output" every backend opener applies, so a model that is
+    not a landmark model (a feature map, a classifier with odd width) is refused by every command.
+    """
+    dims = [d if isinstance(d, (int, np.integer)) and d > 0 else None for d in shape]
+    ok_batch = len(dims) >= 2 and dims[0] in (1, None)
+    if ok_batch and len(dims) == 2:
+        n = dims[1]
+        if n is None:
+            return None
+        if n % 2 == 0 and n >= 2 * MIN_POINTS:
+            return int(n) // 2
+    if ok_batch and len(dims) == 3 and dims[2] == 2 and (dims[1] is None or dims[1] >= MIN_POINTS):
+        return None if dims[1] is None else int(dims[1])
+    raise ModelFileError(
+        f"{where} is not a landmark model: its output has shape {[d if d else '?' for d in dims]}, a landmark model has one "
+        f"[1, 2N] output (N >= {MIN_POINTS} points, x,y in 0..1 of the crop); pass a landmark model"
+    )
 
 
 def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None) -> TorchPredictor:
@@ -272,18 +330,30 @@ def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None) 
                           num_points=loaded.meta.model.points, threads=threads, name=path.name)
 
 
-def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -> OnnxPredictor:
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session, quiet, with the thread count asked for.
+
+    ORT's telemetry is off for the whole process: the package sets ORT_DISABLE_TELEMETRY when it
+    is imported (see pfld_export/__init__.py; ORT reads it only when it is first imported).
+    """
     import onnxruntime as ort
 
-    meta = onnx_metadata(path)
-    if preprocess is None:
-        preprocess = Preprocess.from_dict(json.loads(meta[ONNX_META_PREPROCESS])) if ONNX_META_PREPROCESS in meta else Preprocess()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -> OnnxPredictor:
+    meta = onnx_metadata(path)
+    if preprocess is None:
+        preprocess = Preprocess.from_dict(json.loads(meta[ONNX_META_PREPROCESS])) if ONNX_META_PREPROCESS in meta else Preprocess()
+    try:
+        sess = ort_session(path, threads)
+    except Exception as e:  # onnxruntime's pybind errors (InvalidArgument, Fail, ...) share no useful base
+        raise ModelFileError(f"{path} cannot be opened by ONNX Runtime ({_first_line(e)}); check the file or re-export it") from None
     inp = sess.get_inputs()[0]
     shape = inp.shape
     nhwc = len(shape) == 4 and shape[-1] == 3
@@ -292,7 +362,7 @@ def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -
     out = next((o for o in outs if o.name == "landmarks"), None) or next(
         (o for o in outs if len(o.shape) == 2), outs[0]
     )
-    npts = int(out.shape[-1]) // 2 if isinstance(out.shape[-1], int) else get_layout(preprocess.layout).num_points
+    npts = landmark_points(out.shape, f"{path} (output {out.name})") or get_layout(preprocess.layout).num_points
     return OnnxPredictor(path=path, preprocess=preprocess, session=sess, input_name=inp.name, output_name=out.name,
                          nhwc=nhwc, num_points=npts, name=path.name)
 
@@ -306,9 +376,10 @@ def _open_tflite(path: Path, preprocess: Preprocess | None, threads: int | None)
         interp = Interpreter(model_path=str(path), num_threads=threads or 1)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
-        raise UsageError(f"{path} is not a loadable .tflite ({str(e).splitlines()[0]}); re-run convert") from None
+        raise ModelFileError(f"{path} is not a loadable .tflite ({_first_line(e)}); re-run convert") from None
     ind, outd = interp.get_input_details()[0], interp.get_output_details()
     out = next((o for o in outd if len(o["shape"]) == 2), outd[0])
+    npts = landmark_points(tuple(out["shape"]), f"{path} (output {out.get('name', '?')})")
 
     def qp(d: dict[str, Any]) -> QuantParams | None:
         if np.dtype(d["dtype"]).kind not in "iu":
@@ -317,7 +388,8 @@ def _open_tflite(path: Path, preprocess: Preprocess | None, threads: int | None)
         return QuantParams(scale=float(scale), zero_point=int(zp), dtype=str(np.dtype(d["dtype"])))
 
     shape = tuple(ind["shape"])
-    return TFLitePredictor(path=path, preprocess=preprocess, interpreter=interp, num_points=int(out["shape"][-1]) // 2,
+    return TFLitePredictor(path=path, preprocess=preprocess, interpreter=interp,
+                           num_points=npts or get_layout(preprocess.layout).num_points,
                            input_quant=qp(ind), output_quant=qp(out), nhwc=shape[-1] == 3, name=path.name,
                            _in_index=ind["index"], _out_index=out["index"], _in_dtype=np.dtype(ind["dtype"]).type)
 
@@ -337,4 +409,23 @@ def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None =
     opener = _OPENERS.get(p.suffix.lower())
     if opener is None:
         raise UsageError(f"{p}: unknown model type {p.suffix!r}; use a checkpoint ({', '.join(TORCH_SUFFIXES)}), .onnx or .tflite")
-    return opener(p, preprocess, threads)
+    pred = opener(p, preprocess, check_threads(threads))
+    check_landmark_model(pred)
+    return pred
+
+
+def check_landmark_model(pred: Predictor) -> None:
+    """Refuse a model whose answers are not landmarks: one probe face must give [1, N, 2] finite
+    points near the crop. The shape half of the check is `landmark_points`, in every opener."""
+    s = pred.preprocess.input_size
+    try:
+        pts = pred.predict(np.full((1, s, s, 3), 128, np.uint8))
+    except UsageError:
+        raise
+    except Exception as e:  # a runtime failing on its first face: the file, not the user's input
+        raise ModelFileError(f"{pred.name} fails on a {s}x{s} face ({_first_line(e)}); check the file or re-export it") from None
+    limit = PLAUSIBLE_CROPS * s
+    if pts.shape != (1, pred.num_points, 2) or not np.all(np.isfinite(pts)) or float(np.abs(pts).max()) > limit:
+        got = "non-finite values" if not np.all(np.isfinite(pts)) else f"shape {list(pts.shape)}, largest |value| {float(np.abs(pts).max()):.3g} px"
+        raise ModelFileError(f"{pred.name} is not a landmark model: on a probe face it answers {got}, not {pred.num_points} "
+                             f"points near the {s}-px crop; pass a landmark model (or fix --mean/--std)")

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module imports onnxruntime (third-party imports sort first): the package
+# switches ORT's telemetry off at import, and ORT reads that setting only once.
+import pfld_export  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 

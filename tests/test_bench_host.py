@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pfld_export.bench.host import BenchConfig, bench_crop, benchmark, machine_info, resolve_reference, tool_versions
 from pfld_export.cli import main
-from pfld_export.errors import UsageError
+from pfld_export.errors import ModelFileError, UsageError
 from pfld_export.runtime import open_predictor, sidecar_path
 
 FAST = dict(threads=(1,), runs=4, warmup=1, repeats=2)
@@ -143,7 +143,7 @@ def test_bad_input_raises_usage_errors(models, tmp_path):
         benchmark([tmp_path / "x.txt"], BenchConfig(**FAST))
     junk = tmp_path / "junk.tflite"
     junk.write_bytes(b"not a flatbuffer" * 10)
-    with pytest.raises(UsageError, match="junk.tflite"):
+    with pytest.raises(ModelFileError, match="junk.tflite"):  # a broken model file: exit 3, like a broken checkpoint
         benchmark([models["ckpt"], junk], BenchConfig(isolate=True, **FAST))
 
 

@@ -115,15 +115,17 @@ def test_every_requested_format_written_with_sidecar(converted: dict[str, Any]) 
     rep: ConvertReport = converted["report"]
     out = converted["cfg"].out_dir
     assert [a.format for a in rep.artifacts] == ["fp32", "int8", "full-int8"]
+    # A format that failed a budget (fp32 here: 1.2 MB against 1MB) is kept as *.over-budget.tflite.
+    stems = {f.format: f"w025{FORMATS[f.format].file_suffix}{'' if f.passed else '.over-budget'}" for f in rep.formats}
+    assert not rep.formats[0].passed
     for a in rep.artifacts:
-        assert a.path == out / f"w025{FORMATS[a.format].file_suffix}.tflite" and a.path.stat().st_size == a.bytes
+        assert a.path == out / f"{stems[a.format]}.tflite" and a.path.stat().st_size == a.bytes
         side = read_sidecar(a.path)
         assert side is not None and side["format"] == a.format and side["preprocess"] == Preprocess().to_dict()
         assert side["source"].endswith("w025.pth")
     # Only what was asked: no fp16/dynamic files, and no temp files left behind by atomic writes.
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["report.json", "w025.onnx", "w025_fp32.json", "w025_fp32.tflite", "w025_full_int8.json",
-                     "w025_full_int8.tflite", "w025_int8.json", "w025_int8.tflite"]
+    assert names == sorted(["report.json", "w025.onnx", *(f"{s}{ext}" for s in stems.values() for ext in (".json", ".tflite"))])
 
 
 def test_sizes_follow_the_weights(converted: dict[str, Any]) -> None:
@@ -218,7 +220,7 @@ def test_report_json_and_table(converted: dict[str, Any]) -> None:
     assert data["formats"][2]["ops"]["builtin_only"] is True
     assert "synthetic" in data["calibration"] and "held-out" in data["validation"]
     text = format_convert(rep)
-    for f in ("fp32", "int8", "full-int8", "w025_full_int8.tflite", "100%", "full-int8 int8 I/O: input scale"):
+    for f in ("fp32", "int8", "full-int8", rep.formats[2].path.name, "100%", "full-int8 int8 I/O: input scale"):
         assert f in text
     assert [s for s, t in converted["stages"] if t is not None] == ["load", "reference NME", "calibration crops", "onnx",
                                                                     "onnx parity", "tflite", "validate"]

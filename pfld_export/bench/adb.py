@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 from ..errors import DeviceError, PfldError, UsageError
 from ..io import atomic_write_json, file_sha256
 from ..report import to_jsonable
+from ..runtime import check_threads
 from .parse import BenchmarkModelOutput, parse_benchmark_output
 
 ADB_INSTALL_HINT = (
@@ -184,14 +185,14 @@ class AdbDevice:
         """`adb push LOCAL REMOTE`; DeviceError (with the fix) when it fails."""
         p = self.run(["push", str(local), remote], timeout_s, what=f"adb push {Path(local).name}")
         if p.returncode != 0:
-            raise DeviceError(f"adb push {local} -> {remote} failed on {self.serial}: {_last_line(p.stderr + p.stdout)}; "
+            raise DeviceError(f"adb push {local} -> {remote} failed on {self.serial}: {_said(p)}; "
                               "check free space on the device (`adb shell df /data/local/tmp`)")
 
     def pull(self, remote: str, local: Path, timeout_s: float | None = None) -> None:
         """`adb pull REMOTE LOCAL`; DeviceError when it fails."""
         p = self.run(["pull", remote, str(local)], timeout_s, what=f"adb pull {remote}")
         if p.returncode != 0:
-            raise DeviceError(f"adb pull {remote} failed on {self.serial}: {_last_line(p.stderr + p.stdout)}")
+            raise DeviceError(f"adb pull {remote} failed on {self.serial}: {_said(p)}")
 
     def info(self, profiles: Sequence[DeviceProfile] | None = None) -> DeviceInfo:
         """Probe ABI, CPU layout (max frequency per core), taskset, emulation; match a profile."""
@@ -204,6 +205,12 @@ class AdbDevice:
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").replace("\r", "").splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def _said(p: subprocess.CompletedProcess[str]) -> str:
+    """What a failed adb call said, with its exit code (an adb that prints nothing still says something)."""
+    line = _last_line((p.stderr or "") + (p.stdout or ""))
+    return f"exit code {p.returncode}: {line}" if line else f"exit code {p.returncode}, no output"
 
 
 def _adb(adb: str, args: Sequence[str], timeout_s: float, env: dict[str, str] | None, what: str,
@@ -220,7 +227,7 @@ def _adb(adb: str, args: Sequence[str], timeout_s: float, env: dict[str, str] | 
         raise DeviceError(f"{what}{who} timed out after {timeout_s:g} s: the device may be hung or disconnected; "
                           "check `adb devices`, replug it, or raise --timeout for slow models") from None
     if serial is not None and p.returncode != 0 and _GONE.search((p.stderr or "") + (p.stdout or "")):
-        raise DeviceError(f"device {serial} disappeared during {what} ({_last_line(p.stderr + p.stdout)}); "
+        raise DeviceError(f"device {serial} disappeared during {what} ({_said(p)}); "
                           "reconnect it (check the cable and `adb devices`) and re-run")
     return p
 
@@ -289,7 +296,7 @@ def list_devices(adb: str | None = None, timeout_s: float = 30.0, env: dict[str,
         raise DeviceError(f"adb is not installed (not on PATH): {ADB_INSTALL_HINT}")
     p = _adb(exe, ["devices"], timeout_s, env, what="adb devices")
     if p.returncode != 0:
-        raise DeviceError(f"`adb devices` failed: {_last_line(p.stderr + p.stdout)}; try `adb kill-server` and re-run")
+        raise DeviceError(f"`adb devices` failed: {_said(p)}; try `adb kill-server` and re-run")
     found = []
     for line in p.stdout.replace("\r", "").splitlines():
         if not line.strip() or line.startswith(("List of devices", "*", "adb server")):
@@ -356,8 +363,10 @@ class DeviceBenchConfig:
     output_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if not self.threads or any((not isinstance(t, int)) or t < 1 for t in self.threads):
-            raise UsageError(f"threads must be positive integers, got {self.threads!r}; e.g. --threads 1,4")
+        if not self.threads:
+            raise UsageError("--threads is empty; e.g. --threads 1,4")
+        for t in self.threads:
+            check_threads(t)
         if self.num_runs < 1 or self.warmup_runs < 0:
             raise UsageError(f"need --runs >= 1 and --warmup >= 0, got runs={self.num_runs} warmup={self.warmup_runs}")
         if self.timeout_s <= 0 or self.push_timeout_s <= 0:

@@ -49,8 +49,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .. import errors
 from ..errors import PfldError, UsageError
-from ..runtime import TORCH_SUFFIXES
+from ..runtime import TORCH_SUFFIXES, check_threads
 
 ProgressFn = Callable[[int, int, str], None]
 """progress(done, total, what): called after each step; the CLI turns it into a bar."""
@@ -83,8 +84,10 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.threads or any(not isinstance(t, int) or t < 1 for t in self.threads):
-            raise UsageError(f"threads must be positive integers, got {self.threads!r}; e.g. --threads 1,2")
+        if not self.threads:
+            raise UsageError("--threads is empty; e.g. --threads 1,2")
+        for t in self.threads:
+            check_threads(t)
         if len(set(self.threads)) != len(self.threads):
             raise UsageError(f"threads lists a count twice: {self.threads!r}")
         if self.runs < 1:
@@ -447,7 +450,9 @@ class _RemoteSession:
         msg = self._recv()
         if "error" in msg:
             self.close()
-            raise (UsageError if msg.get("type") == "UsageError" else PfldError)(msg["error"])
+            # The worker's typed error keeps its class (and so its exit code) across the pipe.
+            cls = getattr(errors, str(msg.get("type")), PfldError)
+            raise (cls if isinstance(cls, type) and issubclass(cls, PfldError) else PfldError)(msg["error"])
         self.info = msg["ready"]
 
     def _recv(self) -> dict[str, Any]:

@@ -129,12 +129,17 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1
 def parse_size(text: str | int) -> int:
     """'2MB' -> 2_000_000 (decimal units, as the paper's '2.1 MB'); KiB/MiB are binary."""
     if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _SIZE_UNITS:
-        raise UsageError(f"size {text!r} is not understood; write e.g. 2MB, 1.4MB, 200KB or 1500000")
-    return int(round(float(m.group(1)) * _SIZE_UNITS[unit]))
+        n = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _SIZE_UNITS:
+            raise UsageError(f"size {text!r} is not understood; write e.g. 2MB, 1.4MB, 200KB or 1500000")
+        n = int(round(float(m.group(1)) * _SIZE_UNITS[unit]))
+    if n < 1:
+        # No model fits in zero bytes: refuse now, not after minutes of conversion.
+        raise UsageError(f"size budget {text!r} is {n} bytes; give a positive size, e.g. 2MB")
+    return n
 
 
 def format_size(n: int) -> str:

@@ -27,7 +27,7 @@ from ..errors import ConversionError, ToleranceError, UsageError
 from ..io import atomic_write_bytes
 from ..layouts import get_layout
 from ..preprocess import Preprocess
-from ..runtime import ONNX_META_MODEL, ONNX_META_PREPROCESS, Predictor
+from ..runtime import ONNX_META_MODEL, ONNX_META_PREPROCESS, Predictor, load_onnx
 
 ONNX_OPSET = 13
 ONNX_META_VERSION = "pfld_export.version"
@@ -114,12 +114,7 @@ def import_onnx(path: Path, preprocess: Preprocess | None, cfg: OnnxConfig) -> O
     A foreign ONNX carries no preprocessing, so `preprocess` (from --color/--mean/--std) is
     required unless the file has our metadata.
     """
-    import onnx
-
-    try:
-        m = onnx.load(str(path))
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable ONNX model ({_first_line(e)}); check the file") from None
+    m = load_onnx(path, load_external_data=True)
     props = {p.key: p.value for p in m.metadata_props}
     if preprocess is None:
         if ONNX_META_PREPROCESS not in props:

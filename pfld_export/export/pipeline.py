@@ -9,6 +9,8 @@ report.json. It never prints: progress goes to the `progress` callback.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -18,10 +20,10 @@ from typing import Any, Callable, Iterator
 
 from .. import __version__
 from ..errors import BudgetError, UsageError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, locked_dir
 from ..layouts import get_layout
 from ..preprocess import Preprocess
-from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, ONNX_META_MODEL, ONNX_META_PREPROCESS
+from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, sidecar_path, ONNX_META_MODEL, ONNX_META_PREPROCESS
 from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation, is_synthetic
 from .formats import parse_size, select_formats
 from .onnx import PARITY_ATOL_PX, OnnxArtifact, OnnxConfig, ParityResult, check_parity, import_onnx, to_onnx
@@ -122,15 +124,34 @@ class ConvertReport:
 
     def raise_for_budgets(self) -> None:
         """BudgetError naming each failed check, if any format failed one."""
-        bad = [f"{f.format} {c.name} ({c.detail})" for f in self.formats for c in f.failures]
+        bad = [f"{f.format} {c.name}" for f in self.formats for c in f.failures]
         if bad:
-            raise BudgetError(f"{len(bad)} budget check(s) failed: {'; '.join(bad)}; see {self.report_path}")
+            # One short line: the figures are in the table above and in report.json.
+            names = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+            raise BudgetError(f"{len(bad)} budget check(s) failed ({names}); failing models are saved as "
+                              f"*.over-budget.tflite; details in {self.report_path}")
 
 
 def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertReport:
     """Run every stage; returns the report (budget failures are in it, not raised: see
     `ConvertReport.raise_for_budgets`). Typed errors for bad input, failed conversions and
-    ONNX parity."""
+    ONNX parity.
+
+    The output folder is locked for the run (a second convert into it stops at once). Files an
+    earlier run's report.json listed and this run did not write are removed, so the folder holds
+    exactly what report.json describes; formats that fail a budget are renamed `*.over-budget.*`.
+    """
+    select_formats(cfg.formats, cfg.int8)  # bad options fail before the folder is touched
+    parse_size(cfg.size_budget)
+    _writable_dir(Path(cfg.out_dir))
+    with locked_dir(cfg.out_dir):
+        stale = _listed_outputs(Path(cfg.out_dir) / "report.json")
+        report = _convert(cfg, progress)
+        _remove(stale - _listed_outputs(report.report_path), Path(cfg.out_dir))
+    return report
+
+
+def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
     formats = select_formats(cfg.formats, cfg.int8)
     size_budget = parse_size(cfg.size_budget)
     from .mixed import int8_config_for
@@ -189,6 +210,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
             from .mixed import add_budget_checks
 
             add_budget_checks(rows, by_name, cfg, fit)
+        artifacts = [_mark_over_budget(a, r) for a, r in zip(artifacts, rows)]
     report = ConvertReport(
         source=str(src.path), source_kind=src.kind, reference=src.reference.backend, model=src.model,
         preprocess=src.preprocess.to_dict(), calibration=calib.description, validation=val.description, onnx=art,
@@ -200,6 +222,48 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
 
     atomic_write_json(report.report_path, to_jsonable(report))
     return report
+
+
+def _mark_over_budget(art: TfliteArtifact, row: FormatValidation) -> TfliteArtifact:
+    """A format that failed a budget must not sit under the name a deployment picks up: rename it
+    (and its sidecar) `<name>.over-budget.*`, and say in the sidecar which checks failed."""
+    if row.passed:
+        return art
+    path = art.path.with_name(f"{art.path.stem}.over-budget{art.path.suffix}")
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(art.sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    meta["budget"] = {"passed": False, "failed": [f"{c.name} ({c.detail})" for c in row.failures]}
+    atomic_write_json(side, meta)
+    os.replace(art.path, path)
+    art.sidecar.unlink(missing_ok=True)
+    row.path = path
+    return dataclasses.replace(art, path=path, sidecar=side)
+
+
+def _listed_outputs(report_path: Path) -> set[Path]:
+    """Files a report.json says its run wrote (artifacts, sidecars, a kept ONNX, the report)."""
+    try:
+        doc = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    paths = {report_path}
+    for a in doc.get("artifacts") or []:
+        paths.update(Path(a[k]) for k in ("path", "sidecar") if isinstance(a, dict) and a.get(k))
+    onnx = doc.get("onnx") or {}
+    if doc.get("onnx_kept") and isinstance(onnx, dict) and onnx.get("path"):
+        paths.add(Path(onnx["path"]))
+    return paths
+
+
+def _remove(paths: set[Path], out: Path) -> None:
+    """Delete stale outputs of an earlier run, never anything outside `out`."""
+    root = out.resolve()
+    for p in paths:
+        if p.resolve().parent == root:
+            p.unlink(missing_ok=True)
 
 
 def load_source(cfg: ConvertConfig) -> Source:
@@ -309,8 +373,17 @@ def _check_width(asked: float | None, actual: float | None, path: Path) -> None:
         raise UsageError(f"--width {asked} cannot be checked: {path.name} records no width; drop --width (conversion never changes it)")
     raise UsageError(
         f"--width {asked} contradicts {path.name}, whose weights are a {actual}X model: width is a property of the "
-        f"trained weights, not a conversion setting; train a {asked}X model with `pfld-export train --width {asked}` and convert that"
+        f"trained weights, not a conversion setting; {_train_advice(asked)}"
     )
+
+
+def _train_advice(width: float) -> str:
+    """Advice to train the asked width, or the widths `train` accepts (never a command it refuses)."""
+    from ..model import WIDTHS
+
+    if width in WIDTHS:
+        return f"train a {width}X model with `pfld-export train --width {width}` and convert that"
+    return f"{width}X is not a width train builds either; drop --width, or train one of {', '.join(map(str, WIDTHS))}"
 
 
 def _json_or_none(text: str | None) -> Any:
@@ -327,11 +400,22 @@ def _stem(path: Path) -> str:
 
 
 def _writable_dir(out: Path) -> Path:
-    """Fail before minutes of work, not after: the folder exists (or can) and takes a file."""
+    """Fail before minutes of work, not after: the folder takes a file, or could be created.
+
+    A folder that does not exist yet is not created here (the writers create it when the first
+    file is ready), so a run that fails early leaves no empty --out behind.
+    """
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        if probe == out:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"{probe} is not writable")
     except OSError as e:
         raise UsageError(f"output folder {out} is not writable ({e.strerror}); choose a writable --out") from None
     return out
