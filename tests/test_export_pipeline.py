@@ -222,8 +222,8 @@ def test_report_json_and_table(converted: dict[str, Any]) -> None:
     text = format_convert(rep)
     for f in ("fp32", "int8", "full-int8", rep.formats[2].path.name, "100%", "full-int8 int8 I/O: input scale"):
         assert f in text
-    assert [s for s, t in converted["stages"] if t is not None] == ["load", "reference NME", "calibration crops", "onnx",
-                                                                    "onnx parity", "tflite", "validate"]
+    assert [s for s, t in converted["stages"] if t is not None] == ["load", "calibration crops", "stage 0", "reference NME",
+                                                                    "onnx", "onnx parity", "tflite", "validate"]
     assert data["reference_nme"] == pytest.approx(rep.reference_nme) and 0 < rep.reference_nme < 1
 
 
