@@ -173,8 +173,10 @@ def test_convert_max_shift_failure_is_one_line_with_the_best_figure(tmp_path: Pa
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     text = "\n".join(err)
     assert "Traceback" not in res.output
-    assert "max-shift" in text and "best reached mean" in text and "--max-float-ops" in text
-    assert len(err) == 1
+    # One short error line naming the check; the figure and the way out are on its FAIL line.
+    assert len(err) == 1 and "int8 max-shift" in text
+    fail = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL int8 max-shift:")]
+    assert len(fail) == 1 and "best reached mean" in fail[0] and "--max-float-ops" in fail[0]
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     row = next(f for f in report["formats"] if f["format"] == "int8")
     check = next(c for c in row["checks"] if c["name"] == "max-shift")
