@@ -655,13 +655,20 @@ def fit_int8(
         fixes = ([] if equalized_qat else [m for m in WEIGHT_FIXES if m in fixes]) + (["bias"] if "equalize+bias" in fixes else [])
     if fixes and loaded is None:
         say("weight fixes skipped: an ONNX source has no PyTorch weights to rewrite")
+        fixes = []
     elif fixes and not _rewritable(loaded):
-        # Equalisation and bias correction index into PFLD-pytorch's own anatomy; a variant
-        # (ReLU6 clips, so channel scales do not commute with it) or a user's class gets the
-        # generic methods only.
-        say("weight fixes skipped: equalise / bias correction are written for PFLD-pytorch's anatomy, "
-            "not this network's; the generic methods remain")
-    elif fixes:
+        if "equalize+bias" in fixes and _bias_correctable(loaded):
+            # ReLU6 clips, so channel scales do not commute with it: no equalisation. Bias
+            # correction only moves biases by the measured effect of weight rounding: it applies.
+            say("equalisation skipped (ReLU6 does not commute with channel scales); bias correction alone tried")
+            fixes = ["bias"]
+        else:
+            # Equalisation and bias correction index into PFLD-pytorch's own anatomy; another
+            # layout or a user's class gets the generic methods only.
+            say("weight fixes skipped: equalise / bias correction are written for PFLD-pytorch's anatomy, "
+                "not this network's; the generic methods remain")
+            fixes = []
+    if fixes:
         variants = _fixed_weights(loaded, calib.crops, pre, fixes, cfg.equalize_alpha)
         for k, m in enumerate(fixes):
             if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
@@ -730,6 +737,14 @@ def fit_int8(
             fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], pre)[0]
     fit.seconds = round(time.perf_counter() - t0, 3)
     return fit
+
+
+def _bias_correctable(loaded: Any) -> bool:
+    """A built-in PFLD whose layout bias correction knows (any activation)."""
+    from ..model import bias_correctable
+
+    config = getattr(getattr(loaded, "meta", None), "model", None)
+    return config is not None and bias_correctable(config) and getattr(loaded.meta, "source_format", "") != "model-class"
 
 
 def _rewritable(loaded: Any) -> bool:
