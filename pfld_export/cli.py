@@ -360,6 +360,7 @@ def _format_names() -> str:
 @click.option("--max-shift-p99", type=PIXELS, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
 @click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
 @click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: the best of plain, equalize+bias, equalize (each with min/max and mse ranges, 60 s cap); with a budget also mixed; plain alone: the converter's own int8]")
+@click.option("--int8-max-seconds", type=float, default=None, help="Wall-time cap of the int8 fit: no weight-fix candidate starts after it (plain always runs; 0: no cap)  [default: 60]")
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a --qat checkpoint).")
@@ -379,7 +380,7 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
             max_float_ops: int = 16, max_slowdown: float | None = 1.15, reference: str | None = None,
             activation: str | None = None, bn8: str | None = None, reference_onnx: str | None = None,
             model_class: str | None = None, model_args: str | None = None, output_index: int | None = None,
-            output_scale: float | None = None) -> None:
+            output_scale: float | None = None, int8_max_seconds: float | None = None) -> None:
     """Convert a checkpoint or ONNX to TFLite (fp32/fp16/dynamic/int8/full-int8) and prove the landmarks did not move."""
     import os
     from pathlib import Path
@@ -396,7 +397,7 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
         color=color.upper() if color else None, mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"),
         keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
         int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
-        max_float_ops=max_float_ops, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
+        max_float_ops=max_float_ops, int8_max_seconds=int8_max_seconds, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
         activation=activation, bn8=None if bn8 is None else bn8 == "on", reference_onnx=Path(reference_onnx) if reference_onnx else None,
         model_class=model_class, model_args=model_args, output_index=output_index, output_scale=output_scale,
     )

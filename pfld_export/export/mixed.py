@@ -839,6 +839,11 @@ def int8_config_for(cfg: Any, formats: Sequence[Any]) -> Int8Config | None:
     if methods is None:
         methods = DEFAULT_METHODS if budget else DEFAULT_RECIPE
         recipe, cap = ("methods", None) if budget else ("default", DEFAULT_MAX_SECONDS)
+    asked_cap = getattr(cfg, "int8_max_seconds", None)
+    if asked_cap is not None:
+        if asked_cap < 0:
+            raise UsageError(f"--int8-max-seconds {asked_cap} must be >= 0 (0: no cap)")
+        cap = asked_cap or None
     elif tuple(methods) == ("plain",) and not budget:
         return None  # the converter's own plain int8, for comparison with the default
     p99 = cfg.max_shift_p99 if cfg.max_shift_p99 is not None else (4.0 * cfg.max_shift if cfg.max_shift is not None else None)
