@@ -160,6 +160,7 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--width", type=float, default=None, help="Width multiplier 0.25/0.5/0.75/1.0  [default: 0.25, or --init's]")
 @click.option("--points", type=int, default=None, help="Landmark count; must match the data layout  [default: the data's]")
 @click.option("--conv2", type=click.Choice(["full", "depthwise"]), default=None, help="conv2 kind  [default: full, or --init's]")
+@click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation: relu (PFLD-pytorch) or relu6 (the paper's MobileNetV2 blocks; bounded, so tighter int8 ranges; not measured against relu yet)  [default: relu, or --init's]")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
 @click.option("--batch", type=int, default=None, help="GLOBAL batch size: under torchrun it is split over the processes (batch / N each), so a step averages the same number of faces on any N  [default: 256 on real data, 32 on synthetic]")
 @click.option("--lr", type=float, default=None, help="Adam learning rate, never scaled for you: with a bigger --batch raise it yourself  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
@@ -190,7 +191,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
           schedule: str | None, out: str, resume: str | None, init: str | None, seed: int | None, device: str,
           workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
           qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False,
-          qat_trainable: str = "all", int8_noise: float | None = None) -> None:
+          qat_trainable: str = "all", int8_noise: float | None = None, activation: str | None = None) -> None:
     """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json.
 
     \b
@@ -207,7 +208,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
                    no_augment, cache_dir, as_json,
                    unused={"--val-data": val_data, "--val-fraction": val_fraction, "--width": width, "--points": points,
                            "--conv2": conv2, "--weight-decay": weight_decay, "--loss": loss, "--schedule": schedule,
-                           "--resume": resume, "--int8-noise": int8_noise})
+                           "--resume": resume, "--int8-noise": int8_noise, "--activation": activation})
         return
     if val_images is not None:
         from .errors import UsageError
@@ -223,7 +224,7 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
         epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
         resume=Path(resume) if resume else None, init=Path(init) if init else None, seed=seed, device=device,  # type: ignore[arg-type]
         workers=workers, threads=threads, augment=False if no_augment else None, cache_dir=Path(cache_dir) if cache_dir else None,
-        int8_noise=int8_noise,
+        int8_noise=int8_noise, activation=activation,
     )
     tty = sys.stderr.isatty()
     bars: dict[str, Any] = {}

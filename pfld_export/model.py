@@ -310,10 +310,10 @@ class LandmarkModel(nn.Module):
 
 
 def build_model(
-    width: float = 1.0, points: int = 98, conv2: Conv2Kind = "full", head_bn: bool = False
+    width: float = 1.0, points: int = 98, conv2: Conv2Kind = "full", head_bn: bool = False, activation: str = "relu"
 ) -> tuple[PFLD, AuxiliaryNet]:
     """Build a PFLD network and its auxiliary pose net for the given configuration."""
-    cfg = ModelConfig(width=width, points=points, conv2=conv2, head_bn=head_bn)
+    cfg = ModelConfig(width=width, points=points, conv2=conv2, head_bn=head_bn, activation=activation)
     pfld = PFLD(cfg)
     return pfld, AuxiliaryNet(pfld.tap_channels)
 
