@@ -361,7 +361,7 @@ def _format_names() -> str:
 @click.option("--max-shift-p99", type=PIXELS, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
 @click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
 @click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: the best of plain, equalize+bias, equalize (each with min/max and mse ranges, 60 s cap); with a budget also mixed; plain alone: the converter's own int8]")
-@click.option("--int8-max-seconds", type=float, default=None, help="Wall-time cap of the int8 fit: no weight-fix candidate starts after it (plain always runs; 0: no cap)  [default: 60]")
+@click.option("--int8-max-seconds", type=float, default=None, help="Time cap of the int8 fit in CPU seconds (a busy machine's wall clock does not cut candidates): no weight-fix candidate starts after it (plain always runs; 0: no cap)  [default: 60]")
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a --qat checkpoint).")

@@ -472,8 +472,8 @@ def _int8_recipe_lines(rep: Any) -> list[str]:
     if fit is None:
         return ["int8 recipe  plain (the converter's own calibration, min/max ranges; `--int8-method plain`)"]
     how = {"default": "the default fit", "methods": "--int8-method / budget"}.get(fit.recipe, fit.recipe)
-    extra = f"; not tried (wall-time cap): {', '.join(fit.skipped)}" if fit.skipped else ""
-    lines = [f"int8 recipe  {fit.method} ({how}, {fit.seconds:.0f} s{extra})"]
+    extra = f"; not tried (time cap): {', '.join(fit.skipped)}" if fit.skipped else ""
+    lines = [f"int8 recipe  {fit.method} ({how}, {fit.seconds:.0f} s, {fit.cpu_seconds:.0f} s CPU{extra})"]
     for f in calibrated:
         p, s = f.plain_shift, f.shift
         if p is not None and s is not None and fit.method != "plain":

@@ -65,7 +65,7 @@ class ConvertConfig:
     max_nme_increase: float | None = None  # needs eval_data
     int8_methods: tuple[str, ...] | None = None  # None: mixed.DEFAULT_RECIPE, or mixed.DEFAULT_METHODS with a budget; ("plain",): the converter's own
     max_float_ops: int = 16
-    int8_max_seconds: float | None = None  # default fit's cap on starting weight-fix candidates; None: mixed.DEFAULT_MAX_SECONDS, 0: no cap
+    int8_max_seconds: float | None = None  # default fit's cap (CPU s) on starting weight-fix candidates; None: mixed.DEFAULT_MAX_SECONDS, 0: no cap
     max_slowdown: float | None = 1.15  # latency the mixed search may add, as a ratio to all-int8
     # Float model the shift and NME-increase checks are measured against instead of the source's
     # own float (a QAT checkpoint is read against its teacher: the landmarks the user validated).
