@@ -144,6 +144,8 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     """
     select_formats(cfg.formats, cfg.int8)  # bad options fail before the folder is touched
     parse_size(cfg.size_budget)
+    if cfg.reference is not None and not Path(cfg.reference).is_file():  # not after minutes of face detection
+        raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
     _writable_dir(Path(cfg.out_dir))
     with locked_dir(cfg.out_dir):
         stale = _listed_outputs(Path(cfg.out_dir) / "report.json")
