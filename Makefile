@@ -52,7 +52,8 @@ DEMO_OUT ?= demo_out
 DEMO_CALIB ?= synthetic
 demo: install
 	$(BIN)/pfld-export train --data synthetic --width 0.25 --epochs 3 --out $(DEMO_OUT)/train
-	@# exit 7 = a budget was missed: the table above says which; a 3-epoch model may miss int8's.
+	@# exit 7 = a budget was missed: the table above says which. A 3-epoch model misses the int8
+	@# goal: that is a WARNING line with the figure (exit 0), as for any model without --max-shift.
 	$(BIN)/pfld-export convert $(DEMO_OUT)/train/best.pth --int8 --calib $(DEMO_CALIB) --out $(DEMO_OUT)/convert \
 		--name pfld_w025 || { rc=$$?; test $$rc -eq 7 && echo "demo: converted; budget misses are listed above (FAIL lines)"; test $$rc -eq 7; }
 # [bench]

@@ -156,11 +156,18 @@ class ModelConfig:
         return cls(**known)  # type: ignore[arg-type]
 
 
-def require_standard(config: ModelConfig, what: str) -> None:
-    """Refuse a PFLD-specific rewrite on a variant it was not written for, naming the difference."""
-    if config.standard:
+def bias_correctable(config: ModelConfig) -> bool:
+    """Whether bias correction applies: it measures each fused conv's input and moves the bias
+    (BN beta, conv8 / FC bias), so the activation does not matter (ReLU6 included), the layout does."""
+    return not config.conv_bias and config.head == "pool" and config.input_size == INPUT_SIZE
+
+
+def require_standard(config: ModelConfig, what: str, relu6_ok: bool = False) -> None:
+    """Refuse a PFLD-specific rewrite on a variant it was not written for, naming the difference.
+    `relu6_ok`: the rewrite does not depend on the activation (bias correction)."""
+    if config.standard or (relu6_ok and bias_correctable(config)):
         return
-    diff = [f for f, bad in (("ReLU6", config.activation != "relu"), ("conv biases", config.conv_bias),
+    diff = [f for f, bad in (("ReLU6", config.activation != "relu" and not relu6_ok), ("conv biases", config.conv_bias),
                              ("a flattened head", config.head != "pool"),
                              (f"{config.input_size}-px input", config.input_size != INPUT_SIZE)) if bad]
     raise UsageError(f"{what} is written for PFLD-pytorch's anatomy; this network has {', '.join(diff)}; "
@@ -303,10 +310,10 @@ class LandmarkModel(nn.Module):
 
 
 def build_model(
-    width: float = 1.0, points: int = 98, conv2: Conv2Kind = "full", head_bn: bool = False
+    width: float = 1.0, points: int = 98, conv2: Conv2Kind = "full", head_bn: bool = False, activation: str = "relu"
 ) -> tuple[PFLD, AuxiliaryNet]:
     """Build a PFLD network and its auxiliary pose net for the given configuration."""
-    cfg = ModelConfig(width=width, points=points, conv2=conv2, head_bn=head_bn)
+    cfg = ModelConfig(width=width, points=points, conv2=conv2, head_bn=head_bn, activation=activation)
     pfld = PFLD(cfg)
     return pfld, AuxiliaryNet(pfld.tap_channels)
 

@@ -239,7 +239,7 @@ def format_convert(rep: Any) -> str:
             f"{100 * f.ops.xnnpack_coverage:.0f}%", None if s is None else round(s.mean_px, 4),
             None if s is None else round(s.p99_px, 4), None if s is None else round(s.max_px, 4),
             None if f.nme is None else f"{f.nme:.4f} ({f.nme_increase:+.4f})",
-            "pass" if f.passed else "FAIL",
+            ("WARN" if f.warnings else "pass") if f.passed else "FAIL",
         ])
     headers = ["format", "file", "size", "ops", "XNNPACK", "shift mean px", "p99 px", "max px", "NME", "budget"]
     lines += ["", table(headers, rows, align="lllrrrrrrl"), ""]
@@ -252,11 +252,19 @@ def format_convert(rep: Any) -> str:
         if f.ops.undelegated:
             left = ", ".join(f"{k} x{v}" for k, v in sorted(f.ops.undelegated.items()))
             lines.append(f"{f.format}: XNNPACK leaves {left} to TFLite's reference kernels")
+    lines += _int8_recipe_lines(rep)
+    if getattr(rep, "int8_fit", None) is not None:
+        lines += format_int8_fit(rep.int8_fit).splitlines()[1:] + [""]
     for f in rep.formats:
         for c in f.failures:
             lines.append(f"FAIL {f.format} {c.name}: {c.detail}")
+    for f in rep.formats:
+        for c in f.warnings:
+            lines.append(f"WARNING {f.format} {c.name}: {c.detail}")
     lines.append("timings      " + ", ".join(f"{k} {v:.1f} s" for k, v in rep.timings.items()))
-    lines.append(f"report       {rep.report_path} ({'all budgets met' if rep.passed else 'budget failures above'})")
+    warned = any(f.warnings for f in rep.formats)
+    state = "budget failures above" if not rep.passed else ("budgets met, warnings above" if warned else "all budgets met")
+    lines.append(f"report       {rep.report_path} ({state})")
     return "\n".join(lines)
 
 
@@ -474,6 +482,25 @@ def format_sensitivity(rep: Any, top: int = 20) -> str:
         lines.append(f"... {len(rep.layers) - top} more ops in {rep.json_path}")
     lines += [""] + rep.notes + [f"wrote {rep.json_path} and {rep.png_path}"]
     return "\n".join(lines)
+
+
+def _int8_recipe_lines(rep: Any) -> list[str]:
+    """How the int8 formats were built, and what plain int8 gives on the same held-out faces."""
+    calibrated = [f for f in rep.formats if f.format in ("int8", "full-int8")]
+    if not calibrated:
+        return []
+    fit = getattr(rep, "int8_fit", None)
+    if fit is None:
+        return ["int8 recipe  plain (the converter's own calibration, min/max ranges; `--int8-method plain`)"]
+    how = {"default": "the default fit", "methods": "--int8-method / budget"}.get(fit.recipe, fit.recipe)
+    extra = f"; not tried (time cap): {', '.join(fit.skipped)}" if fit.skipped else ""
+    lines = [f"int8 recipe  {fit.method} ({how}, {fit.seconds:.0f} s, {fit.cpu_seconds:.0f} s CPU{extra})"]
+    for f in calibrated:
+        p, s = f.plain_shift, f.shift
+        if p is not None and s is not None and fit.method != "plain":
+            lines.append(f"             {f.format}: plain int8 would give mean {p.mean_px:.3f} px, p99 {p.p99_px:.3f} px "
+                         f"(this one {s.mean_px:.3f} / {s.p99_px:.3f})")
+    return lines
 
 
 def format_int8_fit(fit: Any) -> str:

@@ -49,7 +49,7 @@ from .errors import CheckpointError, DataError, UsageError
 from .io import atomic_write_json
 from .layouts import PointLayout, get_layout
 from .loss import LossOutput, class_frequencies, get_loss
-from .model import PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
+from .model import ACTIVATIONS, PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
 from .preprocess import Preprocess
 from .runtime import check_threads
 from .stage0 import resolve as resolve_checkpoint
@@ -70,7 +70,7 @@ ATTRIBUTE_WEIGHTING = ("batch", "dataset")
 
 # Options that define a run: a resumed run keeps them; None means "default / as saved".
 _RUN_KEYS = ("data", "val_data", "val_fraction", "width", "points", "conv2", "batch", "lr", "weight_decay",
-             "loss", "schedule", "warmup_steps", "seed", "augment", "attribute_weighting", "init", "int8_noise")
+             "loss", "schedule", "warmup_steps", "seed", "augment", "attribute_weighting", "init", "int8_noise", "activation")
 
 
 @dataclass
@@ -100,6 +100,7 @@ class TrainConfig:
     augment: bool | None = None  # None: True
     attribute_weighting: str | None = None  # batch (the paper) | dataset; None: batch
     int8_noise: float | None = None  # int8 steps of rounding noise at every requantized tensor (qat.add_int8_noise); None: 0, off
+    activation: str | None = None  # relu (PFLD-pytorch) | relu6 (bounded: tighter int8 ranges); None: relu, or --init's
     cache_dir: Path | None = None  # where load_spec keeps generated synthetic sets
     strict: bool = False  # refuse datasets with unusable annotation lines
     eval_initial: bool = True  # measure the untrained network's val NME first (epoch 0)
@@ -132,6 +133,11 @@ class TrainConfig:
             raise UsageError("--resume continues a run and --init starts a new one from weights; pass only one")
         if self.loss is not None:
             get_loss(self.loss)  # raises with the list of names
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise UsageError(f"--activation {self.activation!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
+        if self.int8_noise and self.activation not in (None, "relu"):
+            # The noise hooks follow PFLD-pytorch's ReLU anatomy (qat.add_int8_noise); refuse before any data loads.
+            raise UsageError(f"--int8-noise is written for the ReLU network; drop --activation {self.activation} or --int8-noise")
         if self.int8_noise is not None and not 0 <= self.int8_noise <= 64:
             raise UsageError(f"--int8-noise must be in [0, 64] int8 steps (8 is the measured choice), got {self.int8_noise}")
 
@@ -451,6 +457,10 @@ def _check_init(init: Path, loaded: LoadedModel, run: Mapping[str, Any]) -> None
             f"--width {run['width']} contradicts --init {init}, whose weights have width {mc.width}: width is a property "
             "of trained weights; drop --width (it is taken from the init checkpoint) or train from scratch without --init"
         )
+    if run.get("activation") is not None and run["activation"] != mc.activation:
+        raise UsageError(
+            f"--activation {run['activation']} contradicts --init {init}, whose network uses {mc.activation}; drop --activation"
+        )
     if run["conv2"] is not None and run["conv2"] != mc.conv2:
         raise UsageError(
             f"--conv2 {run['conv2']} contradicts --init {init}, whose weights have conv2={mc.conv2}; drop --conv2"
@@ -460,7 +470,7 @@ def _check_init(init: Path, loaded: LoadedModel, run: Mapping[str, Any]) -> None
 def _build_from_init(init: Path, loaded: LoadedModel, run: dict[str, Any], layout: PointLayout) -> tuple[PFLD, AuxiliaryNet, Preprocess, dict[str, Any]]:
     _check_init(init, loaded, run)
     mc = loaded.meta.model
-    run["width"], run["conv2"] = mc.width, mc.conv2
+    run["width"], run["conv2"], run["activation"] = mc.width, mc.conv2, mc.activation
     # The init's whole variant (per-layer channels, activation, head) carries over, not only its width.
     model = PFLD(dataclasses.replace(mc, points=layout.num_points))
     aux = loaded.aux if loaded.aux is not None else AuxiliaryNet(model.tap_channels, act=mc.activation)
@@ -514,7 +524,8 @@ def _build(run: dict[str, Any], layout: PointLayout, init: LoadedModel | None) -
         return _build_from_init(Path(run["init"]), init, run, layout)
     run["width"] = 0.25 if run["width"] is None else float(run["width"])
     run["conv2"] = run["conv2"] or "full"
-    model, aux = build_model(run["width"], layout.num_points, run["conv2"])
+    run["activation"] = run.get("activation") or "relu"
+    model, aux = build_model(run["width"], layout.num_points, run["conv2"], activation=run["activation"])
     return model, aux, Preprocess(layout=layout.name), {}
 
 

@@ -142,8 +142,9 @@ def test_tflite_weight_rounding_is_per_channel_symmetric() -> None:
     assert torch.allclose(steps, steps.round(), atol=1e-4)
 
 
-def test_bias_correction_removes_the_mean_output_shift_of_rounded_weights() -> None:
-    net = _uneven_net(7, width=0.25)
+@pytest.mark.parametrize("activation", ["relu", "relu6"])  # it moves biases only: any activation
+def test_bias_correction_removes_the_mean_output_shift_of_rounded_weights(activation: str) -> None:
+    net = _uneven_net(7, width=0.25, activation=activation)
     x = _inputs(8, 8)
     bc = bias_correct(net, x)
     assert set(bc.layers) == {n for n, _c, _b in _conv_bn_pairs(net.pfld)}

@@ -7,6 +7,8 @@ raise), and every test reads its artifacts.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +22,7 @@ from pfld_export.errors import BudgetError, ConversionError
 from pfld_export.export import tflite as tflite_mod
 from pfld_export.export.calibrate import CalibrationSet
 from pfld_export.export.formats import FORMATS
-from pfld_export.export.pipeline import ConvertConfig, ConvertReport, convert
+from pfld_export.export.pipeline import ConvertConfig, ConvertReport, convert, reference_only_formats
 from pfld_export.export.tflite import TfliteConfig, to_tflite
 from pfld_export.export.validate import tflite_ops
 from pfld_export.layouts import WFLW98
@@ -79,9 +81,10 @@ def test_every_requested_format_written_with_sidecar(converted: dict[str, Any]) 
     rep: ConvertReport = converted["report"]
     out = converted["cfg"].out_dir
     assert [a.format for a in rep.artifacts] == ["fp32", "int8", "full-int8"]
-    # A format that failed a budget (fp32 here: 1.2 MB against 1MB) is kept as *.over-budget.tflite.
+    # A format that failed a budget would be kept as *.over-budget.tflite; fp32 (1.2 MB against
+    # 1MB) is only the reference --int8 reads the shipped formats against: its size warns.
     stems = {f.format: f"w025{FORMATS[f.format].file_suffix}{'' if f.passed else '.over-budget'}" for f in rep.formats}
-    assert not rep.formats[0].passed
+    assert rep.formats[0].passed and [c.name for c in rep.formats[0].warnings] == ["size"]
     for a in rep.artifacts:
         assert a.path == out / f"{stems[a.format]}.tflite" and a.path.stat().st_size == a.bytes
         side = read_sidecar(a.path)
@@ -193,12 +196,52 @@ def test_budget_gate_matches_the_numbers(converted: dict[str, Any]) -> None:
         assert checks["shift"] == (r.shift.mean_px <= b.shift_mean_px and r.shift.max_px <= b.shift_max_px)
         assert checks["size"] == (r.bytes <= 1_000_000) and checks["ops"] and checks["names"] and checks["shapes"]
         assert r.nme is not None and checks["nme"] == (r.nme - rep.reference_nme <= b.nme_increase)
-        assert r.passed == all(checks.values())
-    failed = sorted({r.format for r in rep.formats if not r.passed})
-    assert "fp32" in failed  # 1.28 MB against the deliberately tight 1 MB budget
-    with pytest.raises(BudgetError, match="fp32 size") as e:
-        rep.raise_for_budgets()
-    assert all(f"{f} " in str(e.value) for f in failed)
+        assert r.passed == all(c.ok or c.warn for c in r.checks)
+        if b.goal_mean_px is not None:  # int8 formats: the goal is checked, and only ever warns
+            goal = next(c for c in r.checks if c.name == "goal")
+            assert goal.warn and goal.ok == (r.shift.mean_px <= b.goal_mean_px and r.shift.p99_px <= b.goal_p99_px)
+            assert (goal in r.warnings) == (not goal.ok)
+    # fp32 (1.28 MB against the deliberately tight 1 MB) is the reference only: no failure...
+    assert rep.passed == all(r.passed for r in rep.formats) and rep.formats[0].passed
+    # ...but the same size check on a shipped format is one.
+    shipped = copy.deepcopy(rep)
+    shipped.formats[0].checks = [dataclasses.replace(c, warn=False) for c in shipped.formats[0].checks]
+    shipped.formats[0].settle()
+    with pytest.raises(BudgetError, match="fp32 size"):
+        shipped.raise_for_budgets()
+
+
+def test_default_int8_is_the_best_fitted_candidate(converted: dict[str, Any]) -> None:
+    rep: ConvertReport = converted["report"]
+    fit = rep.int8_fit
+    assert fit is not None and fit.recipe == "default" and fit.float_ops == []
+    # One calibration run per weight variant gives both range methods; a standard PFLD gets the
+    # weight fixes, best-measured first, until the wall-time cap (a busy machine may reach it).
+    tried = ["plain", "equalize+bias", "equalize"][: 3 - len(fit.skipped)]
+    assert fit.skipped == ["equalize+bias", "equalize"][2 - len(fit.skipped):]
+    assert {c.method for c in fit.candidates} == {f"{m}{r}" for m in tried for r in ("", "/mse")}
+    assert fit.method == min(fit.candidates, key=lambda c: c.shift.mean_px).method
+    by = {r.format: r for r in rep.formats}
+    for f in ("int8", "full-int8"):
+        p = by[f].plain_shift
+        assert p is not None and p.faces == by[f].shift.faces == 24
+        blob = fit.plain_blob(f)
+        assert blob is not None and len(blob) == fit.plain_bytes[f]
+        assert (p == by[f].shift) == (fit.method == "plain")  # the comparison is a separate model's figure
+    text = format_convert(rep)
+    assert f"int8 recipe  {fit.method} (the default fit" in text
+    assert ("plain int8 would give mean" in text) == (fit.method != "plain")
+    for r in rep.formats:
+        for c in r.warnings:
+            assert f"WARNING {r.format} {c.name}: " in text
+    # fp32 came out of the fit's own Keras model (no second onnx2tf run) and is still exact.
+    assert fit.uncalibrated.keys() == {"fp32"} and by["fp32"].shift.max_px < 0.01
+
+
+def test_reference_only_formats_follow_the_request() -> None:
+    assert reference_only_formats(ConvertConfig(model=Path("m.pth"), int8=True)) == ("fp32",)
+    assert reference_only_formats(ConvertConfig(model=Path("m.pth"), int8=True, formats="fp32,fp16")) == ()
+    assert reference_only_formats(ConvertConfig(model=Path("m.pth"), int8=False, formats="fp32")) == ()
 
 
 def test_fitted_model_follows_the_faces(converted: dict[str, Any], tmp_path: Path) -> None:
@@ -213,7 +256,7 @@ def test_fitted_model_follows_the_faces(converted: dict[str, Any], tmp_path: Pat
 def test_report_json_and_table(converted: dict[str, Any]) -> None:
     rep: ConvertReport = converted["report"]
     data = json.loads(rep.report_path.read_text())
-    assert data["passed"] is False and [f["format"] for f in data["formats"]] == ["fp32", "int8", "full-int8"]
+    assert data["passed"] is rep.passed and [f["format"] for f in data["formats"]] == ["fp32", "int8", "full-int8"]
     assert [f["passed"] for f in data["formats"]] == [r.passed for r in rep.formats]
     assert data["formats"][2]["ops"]["builtin_only"] is True
     assert "synthetic" in data["calibration"] and "held-out" in data["validation"]
@@ -222,7 +265,7 @@ def test_report_json_and_table(converted: dict[str, Any]) -> None:
         assert f in text
     # Stage 0 checks the float model on the calibration faces before the reference NME is read from it.
     assert [s for s, t in converted["stages"] if t is not None] == ["load", "calibration crops", "stage 0", "reference NME",
-                                                                    "onnx", "onnx parity", "tflite", "validate"]
+                                                                    "onnx", "onnx parity", "int8 fit", "tflite", "validate"]
     assert data["stage0"]["gated"] is False and data["stage0"]["how"] == {}  # our own checkpoint: metadata says it all
     assert "stage 0" in text
     assert data["reference_nme"] == pytest.approx(rep.reference_nme) and 0 < rep.reference_nme < 1
@@ -260,3 +303,23 @@ def test_compaction_shares_vectors_and_keeps_outputs(converted: dict[str, Any]) 
     # ...and compacting it again gives the same bytes, with identical predictions.
     again = tflite_mod.compact_tflite(plain)
     assert len(again) == len(small) and tflite_mod._same_outputs(plain, again)
+
+
+def test_int8_config_for_picks_the_default_fit_unless_told_otherwise() -> None:
+    from pfld_export.errors import UsageError
+    from pfld_export.export.formats import select_formats
+    from pfld_export.export.mixed import DEFAULT_MAX_SECONDS, DEFAULT_METHODS, DEFAULT_RECIPE, int8_config_for
+
+    fmts = select_formats(None, int8=True)
+    cfg = ConvertConfig(model=Path("m.pth"), int8=True)
+    got = int8_config_for(cfg, fmts)
+    assert got is not None and got.methods == DEFAULT_RECIPE and got.recipe == "default" and got.max_seconds == DEFAULT_MAX_SECONDS
+    assert got.max_shift_px is None  # no budget: the goal only warns
+    assert int8_config_for(dataclasses.replace(cfg, int8_methods=("plain",)), fmts) is None  # the converter's own int8
+    budget = int8_config_for(dataclasses.replace(cfg, max_shift=0.25), fmts)
+    assert budget is not None and budget.methods == DEFAULT_METHODS and budget.recipe == "methods" and budget.max_seconds is None
+    assert int8_config_for(dataclasses.replace(cfg, int8_max_seconds=0.0), fmts).max_seconds is None  # type: ignore[union-attr]
+    assert int8_config_for(dataclasses.replace(cfg, int8_max_seconds=5.0), fmts).max_seconds == 5.0  # type: ignore[union-attr]
+    with pytest.raises(UsageError, match="--int8-max-seconds -1"):
+        int8_config_for(dataclasses.replace(cfg, int8_max_seconds=-1.0), fmts)
+    assert int8_config_for(ConvertConfig(model=Path("m.pth")), select_formats(None)) is None  # nothing calibrated

@@ -91,3 +91,7 @@ def test_standard_anatomy_guards_pfld_specific_rewrites() -> None:
     require_standard(ModelConfig(width=0.5), "equalisation")
     with pytest.raises(UsageError, match="ReLU6.*generic int8 methods"):
         require_standard(ModelConfig(width=0.5, activation="relu6"), "equalisation")
+    # Bias correction does not depend on the activation, only on the layout.
+    require_standard(ModelConfig(width=0.5, activation="relu6"), "bias correction", relu6_ok=True)
+    with pytest.raises(UsageError, match="conv biases"):
+        require_standard(ModelConfig(width=0.5, activation="relu6", conv_bias=True), "bias correction", relu6_ok=True)

@@ -189,6 +189,24 @@ def test_int8_noise_trains_a_different_network_and_is_part_of_the_run(tmp_path: 
         TrainConfig(int8_noise=-1.0)
 
 
+def test_activation_relu6_is_a_training_option_carried_by_the_checkpoint(tmp_path: Path, cache: Path) -> None:
+    import torch
+
+    res = train(_cfg(tmp_path / "r6", cache, epochs=1, activation="relu6"))
+    got = load_checkpoint(res.last_checkpoint)
+    assert got.meta.model.activation == "relu6" and got.meta.training["config"]["activation"] == "relu6"
+    assert isinstance(got.model.relu, torch.nn.ReLU6)
+    # Resuming keeps it; contradicting it is refused, as is the ReLU-only noise training on it.
+    with pytest.raises(UsageError, match="--resume continues the saved run.*activation"):
+        train(TrainConfig(out=tmp_path / "r6", resume=res.last_checkpoint, epochs=2, activation="relu", cache_dir=cache))
+    with pytest.raises(UsageError, match="contradicts --init"):
+        train(_cfg(tmp_path / "r", cache, epochs=1, init=res.last_checkpoint, activation="relu"))
+    with pytest.raises(UsageError, match="--int8-noise is written for the ReLU network"):
+        TrainConfig(activation="relu6", int8_noise=4.0)
+    with pytest.raises(UsageError, match="--activation 'gelu'"):
+        TrainConfig(activation="gelu")
+
+
 def test_init_from_17_point_pfld_pytorch_checkpoint(tmp_path: Path, cache: Path) -> None:
     ckpt = fixture_path("checkpoints", "pfld17_w050_dwconv2_polariszhao_layout.pth.tar")
     res = train(_cfg(tmp_path / "ft", cache, init=ckpt, epochs=1))

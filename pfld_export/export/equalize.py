@@ -391,7 +391,7 @@ def bias_correct(model: LandmarkModel, inputs: np.ndarray | torch.Tensor) -> Bia
     (so corrections do not double count), and subtracted from the bias (BN beta, conv8 or FC
     bias). Works on a copy; returns it.
     """
-    require_standard(model.pfld.config, "bias correction")
+    require_standard(model.pfld.config, "bias correction", relu6_ok=True)
     net = copy.deepcopy(model).eval()
     before_net = copy.deepcopy(net)
     x = torch.as_tensor(np.asarray(inputs, np.float32))

@@ -27,6 +27,12 @@ class Budget:
     shift_mean_px: float  # mean per-point landmark shift, px at 112
     shift_max_px: float  # worst single point over all held-out faces, px at 112
     nme_increase: float  # NME(format) - NME(source) on --eval-data (inter-ocular, a fraction)
+    # What a calibrated format should reach (mean / 99th-percentile shift, px at 112). Missing it
+    # is reported as a warning with the figure, not a failure: the bounds above catch a broken
+    # conversion, the goal tells a user how far their int8 model is from one that keeps the
+    # landmarks. An explicit --max-shift replaces it with a hard budget.
+    goal_mean_px: float | None = None
+    goal_p99_px: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,13 +86,16 @@ FORMATS: dict[str, ExportFormat] = {
             name="int8", summary="int8 weights and activations (calibrated), float32 input/output",
             file_suffix="_int8", optimize=True, supported_types=(), calibrated=True,
             ops_set="TFLITE_BUILTINS_INT8", io_dtype="float32", weights="int8",
-            budget=Budget(shift_mean_px=3.0, shift_max_px=16.0, nme_increase=0.01),  # measured <= 1.70 / 8.6
+            budget=Budget(shift_mean_px=3.0, shift_max_px=16.0, nme_increase=0.01,  # measured <= 1.70 / 8.6
+                          goal_mean_px=0.25, goal_p99_px=1.0),
         ),
         ExportFormat(
             name="full-int8", summary="int8 everywhere including input/output (scale/zero point in the sidecar)",
             file_suffix="_full_int8", optimize=True, supported_types=(), calibrated=True,
             ops_set="TFLITE_BUILTINS_INT8", io_dtype="int8", weights="int8",
-            budget=Budget(shift_mean_px=3.0, shift_max_px=16.0, nme_increase=0.01),  # measured <= 1.70 / 8.6
+            # The int8 output tensor adds a rounding floor (~half a step): a looser goal.
+            budget=Budget(shift_mean_px=3.0, shift_max_px=16.0, nme_increase=0.01,  # measured <= 1.70 / 8.6
+                          goal_mean_px=0.30, goal_p99_px=1.2),
         ),
     )
 }

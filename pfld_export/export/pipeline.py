@@ -26,7 +26,7 @@ from ..layouts import get_layout
 from ..preprocess import Preprocess
 from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, sidecar_path, ONNX_META_MODEL, ONNX_META_PREPROCESS
 from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation, is_synthetic
-from .formats import parse_size, select_formats
+from .formats import FORMATS, INT8_PRESET, parse_size, select_formats
 from .onnx import PARITY_ATOL_PX, OnnxArtifact, OnnxConfig, ParityResult, check_parity, import_onnx, to_onnx
 from .tflite import TfliteArtifact, TfliteConfig, to_tflite
 from .validate import FormatValidation, ValidateConfig, nme_of, validate_tflite
@@ -64,8 +64,9 @@ class ConvertConfig:
     max_shift: float | None = None  # mean landmark shift, px at 112, on held-out crops
     max_shift_p99: float | None = None  # None with max_shift: 4 x max_shift
     max_nme_increase: float | None = None  # needs eval_data
-    int8_methods: tuple[str, ...] | None = None  # None: plain int8, or mixed.DEFAULT_METHODS when a budget is set
+    int8_methods: tuple[str, ...] | None = None  # None: mixed.DEFAULT_RECIPE, or mixed.DEFAULT_METHODS with a budget; ("plain",): the converter's own
     max_float_ops: int = 16
+    int8_max_seconds: float | None = None  # default fit's cap (CPU s) on starting weight-fix candidates; None: mixed.DEFAULT_MAX_SECONDS, 0: no cap
     max_slowdown: float | None = 1.15  # latency the mixed search may add, as a ratio to all-int8
     # Float model the shift and NME-increase checks are measured against instead of the source's
     # own float (a QAT checkpoint is read against its teacher: the landmarks the user validated).
@@ -150,6 +151,8 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     """
     select_formats(cfg.formats, cfg.int8)  # bad options fail before the folder is touched
     parse_size(cfg.size_budget)
+    if cfg.reference is not None and not Path(cfg.reference).is_file():  # not after minutes of face detection
+        raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
     _writable_dir(Path(cfg.out_dir))
     with locked_dir(cfg.out_dir) as out:
         for left in out.glob(f"{_STAGING}*"):  # a killed run's staging folder (we hold the lock)
@@ -196,7 +199,7 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
     size_budget = parse_size(cfg.size_budget)
     from .mixed import int8_config_for
 
-    int8_cfg = int8_config_for(cfg, formats)  # None: plain converter int8, as before
+    int8_cfg = int8_config_for(cfg, formats)  # None: the converter's plain int8 (--int8-method plain)
     out = _writable_dir(Path(cfg.out_dir))
     timings: dict[str, float] = {}
     stage = _stage_timer(timings, progress)
@@ -205,7 +208,7 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
         if cfg.reference is not None and not Path(cfg.reference).is_file():  # fail in seconds, before any crops
             raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
     name = cfg.name or _stem(src.path)
-    vcfg = ValidateConfig(size_budget=size_budget)
+    vcfg = ValidateConfig(size_budget=size_budget, reference_formats=reference_only_formats(cfg))
     if cfg.eval_data:  # before converting: a bad spec or point layout should fail in seconds
         from ..data.specs import load_spec
 
@@ -238,16 +241,19 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
 
             with stage("int8 fit"):
                 fit = fit_int8(src.loaded, art, calib, {f.name: f.io_dtype for f in formats if f.calibrated}, target,
-                               int8_cfg, progress=lambda m: progress and progress(f"int8 fit: {m}", None))
+                               int8_cfg, progress=lambda m: progress and progress(f"int8 fit: {m}", None), also=formats)
         with stage("tflite"):
             tcfg = TfliteConfig(out_dir=out, name=name, source=str(src.path))
             artifacts = to_tflite(art, formats, calib, tcfg, progress=lambda f: progress and progress(f"tflite {f}", None),
-                                  override=fit.blobs if fit else None, sidecar_extra=fit.sidecar() if fit else None)
+                                  override={**fit.uncalibrated, **fit.blobs} if fit else None,
+                                  sidecar_extra=fit.sidecar() if fit else None)
     if not cfg.keep_onnx:  # the temp file is gone; the report names it without a dangling path
         art = dataclasses.replace(art, path=Path(art.path.name))
     with stage("validate"):
         by_name = {f.name: f for f in formats}
         rows = [validate_tflite(a, by_name[a.format], ref_points, val.crops, vcfg) for a in artifacts]
+        if fit is not None:
+            _compare_with_plain(rows, fit, art.preprocess, ref_points, val.crops)
         if int8_cfg is not None:
             from .mixed import add_budget_checks
 
@@ -264,6 +270,28 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
 
     atomic_write_json(report.report_path, to_jsonable(report))
     return report
+
+
+def reference_only_formats(cfg: ConvertConfig) -> tuple[str, ...]:
+    """Formats `--int8` adds only as the reference (fp32 unless --formats asked for it): their
+    size is reported, not held against the budget (a file nobody ships)."""
+    if not cfg.int8:
+        return ()
+    asked = {f.name for f in select_formats(cfg.formats)} if cfg.formats else set()
+    return tuple(f for f in INT8_PRESET if not FORMATS[f].calibrated and f not in asked)
+
+
+def _compare_with_plain(rows: list[FormatValidation], fit: Any, pre: Preprocess, ref_points: Any, crops: Any) -> None:
+    """What plain int8 gives on the same held-out faces, next to each fitted int8 format."""
+    from .mixed import predict_blob
+    from .validate import shift_stats
+
+    for row in rows:
+        blob = fit.plain_blob(row.format)
+        if blob is not None and fit.method != "plain":
+            row.plain_shift = shift_stats(ref_points, predict_blob(blob, pre, crops))
+        elif blob is not None:
+            row.plain_shift = row.shift
 
 
 def _mark_over_budget(art: TfliteArtifact, row: FormatValidation) -> TfliteArtifact:

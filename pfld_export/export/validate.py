@@ -57,6 +57,9 @@ class Check:
     # For the one error line a failed run ends with (the FAIL lines above it carry `detail`):
     figure: str = ""  # the number that missed, short; empty: `detail` is short already
     fix: str = ""  # the main way to meet it, short
+    # A check that, when it does not hold, is a WARNING line (the figure, what would fix it) and
+    # leaves the format passed: a goal, or the size of a format converted only as the reference.
+    warn: bool = False
 
 
 @dataclass
@@ -64,6 +67,9 @@ class ValidateConfig:
     """What every file is held to besides its format's budget."""
 
     size_budget: int = 2_000_000  # bytes per .tflite (the paper's ~2 MB target)
+    # Formats converted only as the reference the shipped ones are read against (fp32 under
+    # --int8): their size is reported against the budget, never a failure.
+    reference_formats: tuple[str, ...] = ()
     eval_records: Sequence[Any] | None = None  # FaceRecords for NME (--eval-data), or None
     eval_config: Any | None = None  # evaluate.EvalConfig, default when None
     reference_nme: float | None = None  # NME of the float source on eval_records
@@ -83,11 +89,20 @@ class FormatValidation:
     input_quant: dict[str, float] | None
     output_quant: dict[str, float] | None
     checks: list[Check] = field(default_factory=list)
-    passed: bool = False  # every check held; set by validate_tflite once the checks are in
+    passed: bool = False  # every check held (warnings aside); set by validate_tflite once the checks are in
+    plain_shift: ShiftStats | None = None  # a fitted int8 format: what plain int8 gives on the same held-out faces
 
     @property
     def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok]
+        return [c for c in self.checks if not c.ok and not c.warn]
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and c.warn]
+
+    def settle(self) -> None:
+        """Set `passed` from the checks: every one held, or only warns."""
+        self.passed = not self.failures
 
 
 def tflite_ops(path: str | Path) -> OpsReport:
@@ -176,11 +191,27 @@ def validate_tflite(
             res.nme = nme_of(pred, cfg.eval_records, cfg.eval_config)
             res.nme_increase = res.nme - cfg.reference_nme
             res.checks.append(Check("nme", res.nme_increase <= b.nme_increase, f"NME {res.nme:.4f} vs source {cfg.reference_nme:.4f}: +{res.nme_increase:.4f} (budget +{b.nme_increase})"))
+        if b.goal_mean_px is not None:
+            res.checks.append(goal_check(res.shift, b))
     else:
         res.checks.append(Check("shift", False, "not compared: names, shapes or ops are wrong"))
-    res.checks.append(Check("size", res.bytes <= cfg.size_budget, f"{format_size(res.bytes)} (budget {format_size(cfg.size_budget)})"))
-    res.passed = all(c.ok for c in res.checks)
+    ref_only = fmt.name in cfg.reference_formats
+    res.checks.append(Check("size", res.bytes <= cfg.size_budget, f"{format_size(res.bytes)} (budget {format_size(cfg.size_budget)})"
+                            + ("; converted only as the reference the int8 formats are read against, not shipped" if ref_only else ""),
+                            warn=ref_only))
+    res.settle()
     return res
+
+
+def goal_check(s: ShiftStats, b: Any) -> Check:
+    """The int8 goal of format budget `b` (mean and p99 shift) as a warning check."""
+    ok = s.mean_px <= b.goal_mean_px and (b.goal_p99_px is None or s.p99_px <= b.goal_p99_px)
+    detail = (f"mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on {s.faces} held-out faces (goal mean {b.goal_mean_px} px, "
+              f"p99 {b.goal_p99_px} px)")
+    if not ok:
+        detail += ("; landmarks move more than the int8 goal: --max-shift makes it a hard budget (exit 7), "
+                   "benchmarks/int8_fidelity.md lists what closes the gap (QAT, --int8-noise training)")
+    return Check("goal", ok, detail, warn=True)
 
 
 def nme_of(predictor: Any, records: Sequence[Any], eval_config: Any | None = None) -> float:
