@@ -43,8 +43,7 @@ test-all: install
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out
 
-# --- targets added by later stages, one block each (keep them self-contained) ---
-# [demo]
+# --- one block per target below, each self-contained ---
 # Train a small PFLD on synthetic faces, convert it with --int8, print the report (measured
 # wall time in benchmarks/conversion.md). Fixture-free and deterministic by default; real
 # calibration faces: make demo DEMO_CALIB=../shared/fixtures/unlabeled
@@ -56,13 +55,11 @@ demo: install
 	@# goal: that is a WARNING line with the figure (exit 0), as for any model without --max-shift.
 	$(BIN)/pfld-export convert $(DEMO_OUT)/train/best.pth --int8 --calib $(DEMO_CALIB) --out $(DEMO_OUT)/convert \
 		--name pfld_w025 || { rc=$$?; test $$rc -eq 7 && echo "demo: converted; budget misses are listed above (FAIL lines)"; test $$rc -eq 7; }
-# [bench]
 # Host latency of the reference models (trained 0.25X + seeded 1X, cached under out/reference, converted --int8 into
 # out/bench) -> benchmarks/results/<date>-<host>.json + the summary table in benchmarks/README.md.
 # make bench [BENCH_ARGS="--runs 50 --repeats 3 --threads 1"]
 bench: install
 	$(BIN)/python benchmarks/run_host_bench.py $(BENCH_ARGS)
-# [bench-arm]
 # Latency on an adb device with TFLite's benchmark_model (not on any registry: see android_bench/README.md).
 # make bench-arm MODEL="a.tflite b.tflite" [SERIAL=a[,b,...] | ALL_DEVICES=1] [BENCHMARK_MODEL=...] [THREADS=1,4] [RUNS=50] [OUT=...]
 # Several devices run in parallel (one table, exit non-zero if any device failed).
@@ -70,7 +67,6 @@ bench-arm: install
 	@test -n "$(MODEL)" || { echo "usage: make bench-arm MODEL=path/to/model.tflite [SERIAL=...] [BENCHMARK_MODEL=path/to/android_aarch64_benchmark_model]" >&2; exit 2; }
 	$(BIN)/pfld-export bench-arm $(MODEL) $(if $(SERIAL),--serial $(SERIAL)) $(if $(ALL_DEVICES),--all-devices) $(if $(BENCHMARK_MODEL),--benchmark-model $(BENCHMARK_MODEL)) \
 		$(if $(THREADS),--threads $(THREADS)) $(if $(RUNS),--runs $(RUNS)) --out $(or $(OUT),benchmarks/results/arm)
-# [arm-rig]
 # Emulated-ARM rig (root, Debian): real adb + adbd, arm64 userland under qemu-user, own netns.
 # `make arm-rig` builds (cached in /var/cache/pfld-export) and starts it; `make test-arm` builds, starts, tests, stops.
 .PHONY: arm-rig-stop
@@ -82,15 +78,13 @@ arm-rig-stop:
 
 test-arm: install
 	bash android_bench/emulated/rig.sh test
-# [check]
 # CI regression gate: size / instructions per inference (callgrind, 2 %) / NME + shift vs models/baselines.json;
 # the host latency (CPU-time ratio to PyTorch) is reported, not gated. Without valgrind the instruction rows say SKIPPED.
 # Reference checkpoints are seeded and cached in out/reference; conversions go to out/check.
 # make check [CHECK_ARGS="--update"]   (--update rewrites the baselines deliberately: review the diff)
 check: install
 	$(BIN)/pfld-export check --baseline models/baselines.json $(CHECK_ARGS)
-# [bench-int8]
-# int8 fidelity ablation (issue 8) on real faces: needs ../shared/fixtures and the trained synthetic models
+# int8 fidelity ablation on real faces: needs ../shared/fixtures and the trained synthetic models
 # (make bench-int8-models trains them: 0.25X 15 epochs + 1X 4 epochs, ~15 min on 2 cores). Results:
 # benchmarks/results/int8_ablation_*.json; summary by hand in benchmarks/int8_fidelity.md.
 INT8_VARIANTS ?= converter,plain,mse,calib-aug,eq-blocks,eq-both,eq-bias,eq-both-mse,eq-bias-mse,eq-streams-mse,eq-streams-bias-mse,mixed,mixed-fast
@@ -107,8 +101,7 @@ bench-int8: bench-int8-models
 		--variants $(INT8_VARIANTS) --json benchmarks/results/int8_ablation_synthetic.json
 	$(BIN)/python benchmarks/int8_ablation.py --markdown benchmarks/results/int8_ablation_pfld17.json benchmarks/results/int8_ablation_synthetic.json
 
-# [bench-int8-noise]
-# int8-robust training (issue 8, third pass): 0.25X from scratch with train --int8-noise K (K = 0 is bench-int8-models'
+# int8-robust training: 0.25X from scratch with train --int8-noise K (K = 0 is bench-int8-models'
 # w025), then the ablation's main variants on each; about 40 min on 2 cores. Results:
 # benchmarks/results/int8_noise_training_w025.json; summary by hand in benchmarks/int8_fidelity.md.
 NOISE_LEVELS ?= 4 8 16
@@ -120,7 +113,6 @@ bench-int8-noise: bench-int8-models
 	$(BIN)/python benchmarks/int8_ablation.py --model out/models/w025/best.pth $(foreach k,$(NOISE_LEVELS),--model out/models/w025_noise$(k)/best.pth) \
 		--variants converter,plain,mse,eq-both-mse,eq-bias-mse --json benchmarks/results/int8_noise_training_w025.json
 	$(BIN)/python benchmarks/int8_ablation.py --markdown benchmarks/results/int8_noise_training_w025.json
-# [bench-distil]
 # Label-free distillation (pfld-export distil) from the GhostOne 98-point ONNX teacher on the unlabeled fixture photos +
 # synthetic faces, against a student of synthetic labels at the same optimizer step count; NME on wflw98 / ibug68,
 # agreement with the teacher on held-out photos, convert --int8 of the distilled student. About 30 min on 2 busy cores.
@@ -131,7 +123,6 @@ bench-distil: install
 	@test -f ../shared/fixtures/checkpoints/pfld_ghostone_98pt.onnx || { echo "bench-distil needs ../shared/fixtures (project machines only)" >&2; exit 2; }
 	$(BIN)/python benchmarks/bench_distil.py --epochs $(DISTIL_EPOCHS) --width 0.25 --json benchmarks/results/distillation_w025.json
 
-# [cost]
 # Instructions per invoke() (pfld_export/bench/cost.py): x86 under valgrind's callgrind, and aarch64 on the ARM cost
 # kit (qemu-user 7.2 + our TCG plugin, a core without dot-product like the SD845's; built and cached in
 # /var/cache/pfld-export by android_bench/cost/kit.sh, root, Debian).

@@ -67,8 +67,7 @@ def info(model: str, as_json: bool, calib: str | None = None, activation: str | 
     click.echo(to_json(result) if as_json else format_info(result))
 
 
-# --- commands added by later stages register below; keep each block self-contained ---
-# [eval]
+# --- one block per command below; each reads its options into a config and calls the library ---
 @main.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "data_spec", required=True,
@@ -111,7 +110,6 @@ def eval_command(model: str, data_spec: str, color: str | None, mean: str | None
         report = run_eval(cfg, progress)
     click.echo(json.dumps(eval_json(report), indent=2) if as_json else format_eval(report))
 
-# [fidelity]
 def _preprocess_options(fn: F) -> F:
     """--color/--mean/--std: preprocessing for foreign models (shared by fidelity and predict)."""
     fn = click.option("--std", default=None, help="Input std, one value or three (e.g. 0.5); overrides the model's.")(fn)
@@ -152,7 +150,6 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
     report = fidelity_on_folder(cfg)
     click.echo(to_json(report) if as_json else format_fidelity(report))
 
-# [train]
 @main.command()
 @click.option("--data", default=None, help="Training faces: wflw:DIR, 300w:DIR or synthetic[:N[:SEED]] (default: synthetic, the 3000-face demo set).")
 @click.option("--val-data", default=None, help="Separate validation faces (same spec forms); default: hold out --val-fraction of --data.")
@@ -265,7 +262,6 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     if result.processes == 1 or context_from_env().is_main:  # under torchrun one report, from process 0
         click.echo(to_json(result) if as_json else format_train(result))
 
-# [convert]
 def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool,
                trainable: str, batch: int | None,
                lr: float | None, seed: int | None, device: str, threads: int | None, no_augment: bool, cache_dir: str | None,
@@ -420,7 +416,6 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
     report.raise_for_budgets()
 
 
-# [bench]
 def _int_list(value: str, what: str) -> tuple[int, ...]:
     from .errors import UsageError
 
@@ -487,7 +482,6 @@ def bench(models: tuple[str, ...], threads: str, runs: int, warmup: int, repeats
     click.echo(text if as_json else format_bench(result))
 
 
-# [bench-arm]
 def _bench_arm_threads(text: str) -> tuple[int, ...]:
     from .errors import UsageError
 
@@ -562,7 +556,6 @@ def bench_arm_command(models: tuple[str, ...], serial: str | None, all_devices: 
         raise DeviceError(f"benchmark_model failed for {name} at {t.threads} thread(s): {t.parsed.failure_reason}")
 
 
-# [check]
 @main.command()
 @click.option("--baseline", default="models/baselines.json", show_default=True, type=click.Path(dir_okay=False),
               help="Committed baselines to compare against (or to rewrite with --update).")
@@ -578,7 +571,7 @@ def bench_arm_command(models: tuple[str, ...], serial: str | None, all_devices: 
 @friendly
 def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: str, runs: int, repeats: int,
           verbose: bool, as_json: bool) -> None:
-    """CI gate: size, host latency and accuracy of the reference models vs committed baselines."""
+    """CI gate: size, instructions per inference and accuracy of the reference models vs committed baselines."""
     from pathlib import Path
 
     from .bench.host import BenchConfig
@@ -592,7 +585,6 @@ def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: st
     result.raise_for_failures()
 
 
-# [predict]
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
@@ -632,7 +624,6 @@ def predict(model: str, inputs: tuple[str, ...], out: str | None, as_json: bool,
     for p in result.problems:
         click.echo(f"skipped {p.where}: {p.reason}", err=True)
 
-# [sensitivity]
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", default=None, help="Calibration faces: a folder of photos (faces detected) or wflw:DIR / 300w:DIR / synthetic[:N[:SEED]]. Default: synthetic.")
@@ -677,7 +668,6 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
     click.echo(to_json(report) if as_json else format_sensitivity(report, top))
 
 
-# [distil]
 @main.command()
 @click.option("--teacher", required=True, type=click.Path(dir_okay=False),
               help="The model to imitate: our checkpoint, a PFLD-pytorch checkpoint, .onnx or .tflite (anything eval accepts).")
@@ -758,7 +748,6 @@ def distil(teacher: str, data: tuple[str, ...], color: str | None, mean: str | N
     finally:
         bar.close()
     click.echo(to_json(result) if as_json else format_distil(result))
-# [cost]
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--invokes", default=3, show_default=True, type=click.IntRange(1, None), help="Counted invokes per model (median reported).")

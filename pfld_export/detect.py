@@ -239,7 +239,7 @@ class Resize:
     pad: float = 0.15
     # YuNet's boxes come out too small for faces above ~300 px (measured on synthetic faces of
     # known size: calibrated IoU 0.85 at 270 px, 0.3-0.5 at 680 px). Such faces, or an image
-    # where nothing was found, get a second pass on a copy where the face is `refine_to` px.
+    # where nothing was found, get a refining look at a copy where the face is `refine_to` px.
     refine_above: int = 300
     refine_to: int = 200
 

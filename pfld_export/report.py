@@ -98,8 +98,7 @@ def format_info(info: Any) -> str:
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
 
-# --- formatters added by later stages go below, one block per stage ---
-# [eval]
+# --- one formatter per command below ---
 def format_eval(rep: Any) -> str:
     """`pfld-export eval`: headline accuracy, per-attribute rows, named outliers, where files went."""
     r = rep.result
@@ -128,7 +127,6 @@ def format_eval(rep: Any) -> str:
     return "\n".join(lines)
 
 
-# [fidelity]
 def format_fidelity(rep: Any) -> str:
     """`pfld-export fidelity`: how far model B's landmarks move from model A's on real crops."""
     r = rep.result
@@ -153,7 +151,6 @@ def format_fidelity(rep: Any) -> str:
     return "\n".join(lines)
 
 
-# [train]
 def format_train_epoch(rec: dict[str, Any], epochs: int) -> str:
     """One line per finished epoch (stderr while `train` runs)."""
     val = f"  val NME {rec['val_nme']:.4f}" if rec.get("val_nme") is not None else ""
@@ -181,7 +178,6 @@ def format_train(result: Any) -> str:
     out.append(f"wall time   {result.wall_s:.1f} s on {on}")
     return "\n".join(out)
 
-# [distil]
 def format_distil(result: Any) -> str:
     """`pfld-export distil` final report: the teacher, what it labelled, then the training report."""
     t = result.teacher
@@ -210,7 +206,6 @@ def format_qat(result: Any) -> str:
     return "\n".join(out)
 
 
-# [convert]
 def format_convert(rep: Any) -> str:
     """`pfld-export convert` output: what went in, one row per .tflite, failed checks, timings."""
     from .export.formats import format_size
@@ -268,7 +263,6 @@ def format_convert(rep: Any) -> str:
     return "\n".join(lines)
 
 
-# [bench]
 def format_bench(result: Any) -> str:
     """`pfld-export bench`: one row per (model, threads), ratios to the same-run PyTorch reference."""
     headers = ["model", "backend", "dtype", "size", "thr", "median ms", "p90 ms", "p99 ms", "faces/s",
@@ -349,7 +343,6 @@ def bench_summary_markdown(doc: dict[str, Any], results_file: str) -> str:
     return "\n".join(out)
 
 
-# [bench-arm]
 def _bench_arm_rows(results: Sequence[Any]) -> list[list[Any]]:
     return [[Path(r.model).name, t.threads, t.inference_avg_ms, t.std_ms, t.percentiles_ms.get("median"), t.init_ms,
              t.peak_memory_mb, "{}/{}".format(*t.parsed.xnnpack_nodes) if t.parsed.xnnpack_nodes else None,
@@ -392,7 +385,6 @@ def format_bench_arm_devices(result: Any) -> str:
     return "\n".join(out)
 
 
-# [check]
 def _check_value(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
@@ -434,7 +426,6 @@ def format_check(result: Any, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-# [predict]
 def format_predict(result: Any) -> str:
     """`pfld-export predict`: per-input rows (at most 40) and the summary line."""
     rows = []
@@ -457,7 +448,6 @@ def format_predict(result: Any) -> str:
     return "\n".join(lines)
 
 
-# [sensitivity]
 def format_sensitivity(rep: Any, top: int = 20) -> str:
     """`pfld-export sensitivity`: ops ranked by the landmark shift each causes alone in int8."""
     f = rep.full_int8
@@ -523,7 +513,6 @@ def format_int8_fit(fit: Any) -> str:
     return "\n".join(lines)
 
 
-# [cost]
 def format_cost(result: Any) -> str:
     """`pfld-export cost`: instructions per invoke, one row per model."""
     headers = ["model", "size", "thr", "instructions / invoke", "M", "spread", "first invoke", "counted"]
