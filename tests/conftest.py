@@ -202,3 +202,13 @@ def briefly_trained(width: float, crops: np.ndarray, points: np.ndarray, steps: 
     finally:
         torch.set_num_threads(threads)
     return pfld.eval()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: on a busy 2-core machine two OpenMP threads wait on each
+    other (training steps ran 5x slower)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

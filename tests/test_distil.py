@@ -27,13 +27,7 @@ from pfld_export.train import init_head, mean_shape
 SPEC = "synthetic:24:5"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """One torch thread: on a busy 2-core machine two OpenMP threads wait on each other."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
