@@ -47,7 +47,7 @@ from pfld_export.export.mixed import (  # noqa: E402
 from pfld_export.export.onnx import OnnxConfig, to_onnx  # noqa: E402
 from pfld_export.export.pipeline import ConvertConfig, load_source  # noqa: E402
 from pfld_export.export.sensitivity import conv_labels, measure_layers, ranking  # noqa: E402
-from pfld_export.export.tflite import _convert_one, compact_tflite  # noqa: E402
+from pfld_export.export.tflite import convert_one, compact_tflite  # noqa: E402
 from pfld_export.export.validate import nme_of, shift_stats  # noqa: E402
 
 ALL = ("converter", "plain", "mse", "percentile", "percentile-5", "calib50", "calib-aug", "eq-blocks", "eq-head", "eq-both",
@@ -133,7 +133,7 @@ def run_model(path: Path, args: argparse.Namespace, crops_cache: dict[str, Any])
 
         plain_cal, (km, func, inputs) = calibrated(src.loaded, calib)
         for fmt in ("int8", "full-int8"):
-            baseline[fmt] = compact_tflite(_convert_one(func, km, FORMATS[fmt], inputs))
+            baseline[fmt] = compact_tflite(convert_one(func, km, FORMATS[fmt], inputs))
         io = {"int8": "float32", "full-int8": "int8"}
         for variant in args.variants:
             t = time.perf_counter()

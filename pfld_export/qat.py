@@ -267,9 +267,9 @@ class FakeQuantPFLD(nn.Module):
             for part in torch.split(x, chunk):
                 self(part.to(dev))
             if self._samples is not None:
-                from .export.mixed import _mse_range
+                from .export.mixed import mse_range
 
-                self.ranges = {k: _mse_range(np.concatenate(self._samples[k]), lo, hi) for k, (lo, hi) in self.ranges.items()}
+                self.ranges = {k: mse_range(np.concatenate(self._samples[k]), lo, hi) for k, (lo, hi) in self.ranges.items()}
         finally:
             self.mode, self._samples = mode, None
         return dict(self.ranges)
@@ -401,11 +401,11 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
 def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch.device) -> QATResult:
     from .checkpoint import load_checkpoint, save_checkpoint
     from .export.calibrate import calibration_and_validation
-    from .export.pipeline import _writable_dir
+    from .export.pipeline import writable_dir
     from .train import auto_threads
 
     t0 = time.perf_counter()
-    out = _writable_dir(Path(cfg.out)) if ctx.is_main else Path(cfg.out)  # process 0 alone writes there
+    out = writable_dir(Path(cfg.out)) if ctx.is_main else Path(cfg.out)  # process 0 alone writes there
     init = Path(cfg.init)
     if not init.is_file():
         raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")

@@ -13,7 +13,7 @@ import torch
 from pfld_export.errors import UsageError
 from pfld_export.export.equalize import (
     FLOAT_TOLERANCE_PX, EqualizeConfig, bias_correct, equalize, folded_weight, head_features, tflite_weight_rounding,
-    _conv_bn_pairs,
+    conv_bn_pairs,
 )
 from pfld_export.model import LandmarkModel, ModelConfig, PFLD
 
@@ -147,14 +147,14 @@ def test_bias_correction_removes_the_mean_output_shift_of_rounded_weights(activa
     net = _uneven_net(7, width=0.25, activation=activation)
     x = _inputs(8, 8)
     bc = bias_correct(net, x)
-    assert set(bc.layers) == {n for n, _c, _b in _conv_bn_pairs(net.pfld)}
+    assert set(bc.layers) == {n for n, _c, _b in conv_bn_pairs(net.pfld)}
 
     def rounded(model: LandmarkModel) -> LandmarkModel:
         """The model with every fused weight rounded as TFLite rounds it (BN folded back out)."""
         import copy
 
         m = copy.deepcopy(model)
-        for _n, conv, bn in _conv_bn_pairs(m.pfld):
+        for _n, conv, bn in conv_bn_pairs(m.pfld):
             w = folded_weight(conv, bn)
             q = tflite_weight_rounding(w)
             scale = (w / conv.weight).nan_to_num(1.0) if bn is not None else 1.0

@@ -273,14 +273,14 @@ def test_report_json_and_table(converted: dict[str, Any]) -> None:
 
 def test_failed_format_leaves_no_tflite(converted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rep: ConvertReport = converted["report"]
-    real = tflite_mod._convert_one
+    real = tflite_mod.convert_one
 
     def fail_on_int8(func: Any, model: Any, fmt: Any, inputs: np.ndarray) -> bytes:
         if fmt.name == "int8":
             raise ConversionError("int8 failed on purpose")
         return real(func, model, fmt, inputs)
 
-    monkeypatch.setattr(tflite_mod, "_convert_one", fail_on_int8)
+    monkeypatch.setattr(tflite_mod, "convert_one", fail_on_int8)
     calib = CalibrationSet(converted["fit_crops"][:20], [f"fit#{i}" for i in range(20)], "fit crops")
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="on purpose"):

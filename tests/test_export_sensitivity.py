@@ -84,13 +84,13 @@ def test_calibrated_float_model_matches_keras_and_int8_moves_it(tiny: dict[str, 
 
 
 def test_mse_ranges_shrink_min_max_and_still_hold_zero(tiny: dict[str, Any]) -> None:
-    from pfld_export.export.mixed import _mse_range
+    from pfld_export.export.mixed import mse_range
 
     v = np.random.default_rng(0).laplace(0, 1, 20000)  # heavy tails, as activations have
-    lo, hi = _mse_range(v, float(v.min()), float(v.max()))
+    lo, hi = mse_range(v, float(v.min()), float(v.max()))
     assert lo <= 0 <= hi and hi < 0.95 * v.max() and lo > 0.95 * v.min()  # rare tails clipped: levels serve the bulk
     tight = np.random.default_rng(1).uniform(-1, 1, 20000)
-    assert _mse_range(tight, -1.0, 1.0)[1] > 0.9  # nothing to gain from clipping a uniform tensor
+    assert mse_range(tight, -1.0, 1.0)[1] > 0.9  # nothing to gain from clipping a uniform tensor
 
 
 def test_selective_quantization_keeps_denylisted_ops_float(tiny: dict[str, Any]) -> None:

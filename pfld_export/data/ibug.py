@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import DataError
 from ..layouts import get_layout
 from .records import FaceRecord, LoadProblem
-from .wflw import ImageSizes, _Problems, check_points, landmark_rect, parse_rect_attr_list
+from .wflw import ImageSizes, Problems, check_points, landmark_rect, parse_rect_attr_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -115,7 +115,7 @@ def load_300w(
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"300-W folder {root} does not exist; pass a folder holding .pts files beside their images")
-    problems = _Problems(strict)
+    problems = Problems(strict)
     sizes = ImageSizes()
     found: list[tuple[Path, Path, np.ndarray]] = []
     for pts_path in sorted(root.rglob("*.pts")):

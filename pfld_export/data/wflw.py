@@ -28,7 +28,7 @@ WFLW_POINTS = 98
 OUTSIDE_TOLERANCE = 0.5
 
 
-class _Problems:
+class Problems:
     """Collects problems; raises on the first one in strict mode."""
 
     def __init__(self, strict: bool, hint: str = "") -> None:
@@ -95,7 +95,7 @@ def parse_rect_attr_list(
     root = Path(images_root).resolve()  # records outlive the working directory they were loaded from
     layout = get_layout(num_points)
     n_fields = 2 * num_points + 4 + len(ATTRIBUTES) + 1
-    problems = _Problems(strict)
+    problems = Problems(strict)
     try:
         text = ann.read_text(encoding="utf-8", errors="replace")
     except OSError as e:

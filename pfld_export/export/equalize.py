@@ -350,7 +350,7 @@ def _wrapped(model: LandmarkModel | PFLD) -> LandmarkModel:
 
 # --- bias correction -------------------------------------------------------------------------
 
-def _conv_bn_pairs(pfld: PFLD) -> Iterator[tuple[str, nn.Module, nn.BatchNorm2d | None]]:
+def conv_bn_pairs(pfld: PFLD) -> Iterator[tuple[str, nn.Module, nn.BatchNorm2d | None]]:
     """(name, conv/linear, BN after it or None) in forward order: what TFLite fuses into one op."""
     yield "conv1", pfld.conv1, pfld.bn1
     yield "conv2", pfld.conv2, pfld.bn2
@@ -396,7 +396,7 @@ def bias_correct(model: LandmarkModel, inputs: np.ndarray | torch.Tensor) -> Bia
     before_net = copy.deepcopy(net)
     x = torch.as_tensor(np.asarray(inputs, np.float32))
     res = BiasCorrection(model=net)
-    for name, conv, bn in _conv_bn_pairs(net.pfld):
+    for name, conv, bn in conv_bn_pairs(net.pfld):
         w = folded_weight(conv, bn)
         dw = tflite_weight_rounding(w) - w
         got: list[torch.Tensor] = []

@@ -109,14 +109,14 @@ def quantize_calibrated(blob: bytes, float_ops: Iterable[str] = (), io_dtype: st
     import tensorflow as tf
     from tensorflow.lite.python import convert as tfl_convert
 
-    from .tflite import _Captured
+    from .tflite import Captured
 
     if io_dtype not in IO_DTYPES:
         raise UsageError(f"I/O dtype {io_dtype!r} is not supported here; choose {' or '.join(IO_DTYPES)}")
     dt = tf.dtypes.as_dtype(io_dtype)
     deny = sorted(set(float_ops))
     try:
-        with _Captured():  # the quantizer prints its settings from C++
+        with Captured():  # the quantizer prints its settings from C++
             out = tfl_convert.mlir_quantize(blob, input_data_type=dt, output_data_type=dt, denylisted_nodes=deny or None)
     except Exception as e:  # the MLIR quantizer raises RuntimeError / ConverterError
         raise ConversionError(f"int8 quantization failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
@@ -126,11 +126,11 @@ def quantize_calibrated(blob: bytes, float_ops: Iterable[str] = (), io_dtype: st
 def keras_function(onnx_artifact: Any, samples: np.ndarray) -> tuple[Any, Any]:
     """onnx2tf's in-memory Keras model and the concrete function the converter takes
     (exactly as `tflite.to_tflite` builds them, offline)."""
-    from .tflite import _concrete_function, _offline_workdir, _onnx_to_keras, ONNX2TF_SAMPLES
+    from .tflite import concrete_function, offline_workdir, onnx_to_keras, ONNX2TF_SAMPLES
 
-    with _offline_workdir(samples[:ONNX2TF_SAMPLES]) as work:
-        keras_model = _onnx_to_keras(onnx_artifact, work)
-    return keras_model, _concrete_function(keras_model)
+    with offline_workdir(samples[:ONNX2TF_SAMPLES]) as work:
+        keras_model = onnx_to_keras(onnx_artifact, work)
+    return keras_model, concrete_function(keras_model)
 
 
 def calibrate(keras_model: Any, func: Any, inputs: np.ndarray, method: str = "minmax",
@@ -152,7 +152,7 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
     rule (the float run dominates: it is what a second method used to repeat)."""
     import tensorflow as tf
 
-    from .tflite import _Captured
+    from .tflite import Captured
 
     pcts = [_range_method(m) for m in methods]
     if len(inputs) < 1:
@@ -165,7 +165,7 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
     conv.representative_dataset = lambda: ([inputs[i : i + 1]] for i in range(min(2, len(inputs))))
     conv._experimental_calibrate_only = True
     try:
-        with _Captured():
+        with Captured():
             blob = bytes(conv.convert())
     except Exception as e:
         raise ConversionError(f"TFLite calibration failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
@@ -192,7 +192,7 @@ def _range_method(method: str) -> float | None:
     return float(m.group(1))
 
 
-def _mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+def mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     """The clip range (min/max shrunk by one common factor) with the least int8 rounding +
     clipping error over the sampled values `v`: what an outlier costs against what the
     256 levels gain."""
@@ -276,7 +276,7 @@ def _measure_ranges_all(blob: bytes, inputs: np.ndarray, rules: Sequence[float |
             a, b = a0, b0
             if rule is not None and v is not None:
                 if rule < 0:
-                    a, b = _mse_range(v, a0, b0)
+                    a, b = mse_range(v, a0, b0)
                 else:
                     a, b = min(float(np.percentile(v, 100.0 - rule)), 0.0), max(float(np.percentile(v, rule)), 0.0)
             out[name] = (a, b)
@@ -623,7 +623,7 @@ def fit_int8(
     caps the fit's CPU time (see DEFAULT_MAX_SECONDS): a weight-fix candidate is not started after it (named in `skipped`).
     Nothing is written here.
     """
-    from .tflite import _convert_one, compact_tflite
+    from .tflite import convert_one, compact_tflite
 
     t0, c0 = time.perf_counter(), time.process_time()
     say = progress or (lambda _m: None)
@@ -637,7 +637,7 @@ def fit_int8(
         """One Keras conversion, one calibration run for every range method: "name" for minmax, "name/mse"..."""
         keras_model, func = keras_function(art, inputs)
         for fmt in formats:
-            uncalibrated[fmt.name] = compact_tflite(_convert_one(func, keras_model, fmt, inputs))
+            uncalibrated[fmt.name] = compact_tflite(convert_one(func, keras_model, fmt, inputs))
         got = calibrate_all(keras_model, func, inputs, cfg.range_methods, labels)
         return {name if r == "minmax" else f"{name}/{r}": c for r, c in got.items()}
 

@@ -153,7 +153,7 @@ def convert(cfg: ConvertConfig, progress: Progress | None = None) -> ConvertRepo
     parse_size(cfg.size_budget)
     if cfg.reference is not None and not Path(cfg.reference).is_file():  # not after minutes of face detection
         raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
-    _writable_dir(Path(cfg.out_dir))
+    writable_dir(Path(cfg.out_dir))
     with locked_dir(cfg.out_dir) as out:
         for left in out.glob(f"{_STAGING}*"):  # a killed run's staging folder (we hold the lock)
             shutil.rmtree(left, ignore_errors=True)
@@ -200,14 +200,14 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
     from .mixed import int8_config_for
 
     int8_cfg = int8_config_for(cfg, formats)  # None: the converter's plain int8 (--int8-method plain)
-    out = _writable_dir(Path(cfg.out_dir))
+    out = writable_dir(Path(cfg.out_dir))
     timings: dict[str, float] = {}
     stage = _stage_timer(timings, progress)
     with stage("load"):
         src = load_source(cfg)
         if cfg.reference is not None and not Path(cfg.reference).is_file():  # fail in seconds, before any crops
             raise UsageError(f"--reference {cfg.reference} does not exist; pass the float checkpoint or .onnx to measure against")
-    name = cfg.name or _stem(src.path)
+    name = cfg.name or model_stem(src.path)
     vcfg = ValidateConfig(size_budget=size_budget, reference_formats=reference_only_formats(cfg))
     if cfg.eval_data:  # before converting: a bad spec or point layout should fail in seconds
         from ..data.specs import load_spec
@@ -471,14 +471,14 @@ def _json_or_none(text: str | None) -> Any:
     return json.loads(text) if text else None
 
 
-def _stem(path: Path) -> str:
+def model_stem(path: Path) -> str:
     name = path.name
     while Path(name).suffix.lower() in _CKPT_SUFFIXES + (".onnx",):
         name = Path(name).stem
     return name
 
 
-def _writable_dir(out: Path) -> Path:
+def writable_dir(out: Path) -> Path:
     """Fail before minutes of work, not after: the folder takes a file, or could be created.
 
     A folder that does not exist yet is not created here (the writers create it when the first

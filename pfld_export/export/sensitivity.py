@@ -90,19 +90,19 @@ class SensitivityReport:
 
 def conv_labels(loaded: Any) -> list[str]:
     """PyTorch names of the conv/FC layers in forward order (what TFLite fuses into one op)."""
-    from .equalize import _conv_bn_pairs
+    from .equalize import conv_bn_pairs
 
-    return [name for name, _conv, _bn in _conv_bn_pairs(loaded.model)]
+    return [name for name, _conv, _bn in conv_bn_pairs(loaded.model)]
 
 
 def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> SensitivityReport:
     """Convert once, then measure each quantizable op alone (and optionally left out)."""
     from .onnx import OnnxConfig, import_onnx, to_onnx
-    from .pipeline import ConvertConfig, _stem, _writable_dir, load_source, settle_source
+    from .pipeline import ConvertConfig, model_stem, writable_dir, load_source, settle_source
 
     if cfg.top < 1:
         raise UsageError(f"--top {cfg.top} must be at least 1")
-    out = _writable_dir(Path(cfg.out_dir))
+    out = writable_dir(Path(cfg.out_dir))
     scfg = ConvertConfig(model=Path(cfg.model), calib=cfg.calib)
     src = load_source(scfg)
     calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.images, src.preprocess, cfg.calib_count,
@@ -118,7 +118,7 @@ def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> Sen
         loaded = dataclasses.replace(loaded, model=equalize(loaded.inference_model(), src.preprocess.apply_nchw(calib.crops)).model.pfld)
     ref = src.reference.predict(val.crops)
     with tempfile.TemporaryDirectory(prefix="pfld-sens-") as tmp:
-        ocfg = OnnxConfig(path=Path(tmp) / f"{_stem(src.path)}.onnx", source=str(src.path))
+        ocfg = OnnxConfig(path=Path(tmp) / f"{model_stem(src.path)}.onnx", source=str(src.path))
         art = to_onnx(loaded, ocfg) if src.kind == "checkpoint" else import_onnx(src.path, src.preprocess, ocfg)
         inputs = calib.inputs(src.preprocess)
         keras_model, func = keras_function(art, inputs)

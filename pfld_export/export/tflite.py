@@ -85,18 +85,18 @@ def to_tflite(
         arts += _write_all(onnx, built, cfg, sidecar_extra)
         return sorted(arts, key=lambda a: order.index(a.format))
     inputs = calib.inputs(onnx.preprocess)
-    with _Captured():  # TensorFlow's import logs (oneDNN, absl) go straight to fd 2
+    with Captured():  # TensorFlow's import logs (oneDNN, absl) go straight to fd 2
         import onnx2tf  # noqa: F401
         import tensorflow  # noqa: F401
-    with _offline_workdir(inputs[:ONNX2TF_SAMPLES]) as work:
-        keras_model = _onnx_to_keras(onnx, work)
-        func = _concrete_function(keras_model)
+    with offline_workdir(inputs[:ONNX2TF_SAMPLES]) as work:
+        keras_model = onnx_to_keras(onnx, work)
+        func = concrete_function(keras_model)
         blobs: list[tuple[ExportFormat, bytes, float]] = []
         for fmt in formats:
             if progress:
                 progress(fmt.name)
             t = time.perf_counter()
-            blob = compact_tflite(_convert_one(func, keras_model, fmt, inputs))
+            blob = compact_tflite(convert_one(func, keras_model, fmt, inputs))
             blobs.append((fmt, blob, time.perf_counter() - t))
     return _write_all(onnx, blobs, cfg, sidecar_extra)
 
@@ -120,7 +120,7 @@ def _write_all(onnx: OnnxArtifact, blobs: Sequence[tuple[ExportFormat, bytes, fl
 
 
 @contextlib.contextmanager
-def _offline_workdir(samples: np.ndarray) -> Iterator[Path]:
+def offline_workdir(samples: np.ndarray) -> Iterator[Path]:
     """A temp cwd holding onnx2tf's sample file (our crops), so onnx2tf never downloads it.
 
     onnx2tf looks the file up in os.getcwd(); changing the process cwd is the only hook it offers,
@@ -136,10 +136,10 @@ def _offline_workdir(samples: np.ndarray) -> Iterator[Path]:
             os.chdir(old)
 
 
-def _onnx_to_keras(onnx: OnnxArtifact, work: Path) -> Any:
+def onnx_to_keras(onnx: OnnxArtifact, work: Path) -> Any:
     import onnx2tf
 
-    log = _Captured()
+    log = Captured()
     try:
         # onnx2tf prints progress tables; a library must not, so keep them for error messages.
         with log:
@@ -160,7 +160,7 @@ def _onnx_to_keras(onnx: OnnxArtifact, work: Path) -> Any:
     return model
 
 
-def _concrete_function(model: Any) -> Any:
+def concrete_function(model: Any) -> Any:
     import tensorflow as tf
 
     spec = tf.TensorSpec(model.inputs[0].shape, tf.float32, name=INPUT_NAME)
@@ -169,7 +169,7 @@ def _concrete_function(model: Any) -> Any:
     return fn.get_concrete_function()
 
 
-def _convert_one(func: Any, keras_model: Any, fmt: ExportFormat, inputs: np.ndarray) -> bytes:
+def convert_one(func: Any, keras_model: Any, fmt: ExportFormat, inputs: np.ndarray) -> bytes:
     """One TFLiteConverter run with the registry's settings for `fmt`."""
     import tensorflow as tf
 
@@ -183,7 +183,7 @@ def _convert_one(func: Any, keras_model: Any, fmt: ExportFormat, inputs: np.ndar
     if fmt.calibrated:
         conv.representative_dataset = lambda: ([inputs[i : i + 1]] for i in range(len(inputs)))
     try:
-        with _Captured():  # the MLIR converter logs from C++ straight to the process's stdout
+        with Captured():  # the MLIR converter logs from C++ straight to the process's stdout
             return bytes(conv.convert())
     except Exception as e:  # the MLIR converter raises ConverterError/RuntimeError/ValueError
         msg = str(e).strip().splitlines()
@@ -269,7 +269,7 @@ def _io_info(blob: bytes) -> dict[str, Any]:
             "input_quant": quant(i), "output_quant": quant(o)}
 
 
-class _Captured:
+class Captured:
     """Capture Python *and* native (C++) stdout/stderr while converters run; `.text` afterwards.
 
     TensorFlow's converter and onnx2tf write to file descriptors 1/2 directly, which
@@ -283,7 +283,7 @@ class _Captured:
         self._saved: tuple[int, int] | None = None
         self._py: Any = None
 
-    def __enter__(self) -> "_Captured":
+    def __enter__(self) -> "Captured":
         sys.stdout.flush()
         sys.stderr.flush()
         self._file = tempfile.TemporaryFile()
