@@ -131,3 +131,22 @@ def test_parse_source_and_mix() -> None:
     names = [r.image_path.name for r in recs[:30]]
     assert {names.count(f"a{i}.png") for i in range(4)} <= {7, 8}
     assert len({r.image_path for r in recs[30:]}) == 10
+
+
+def test_a_foreign_onnx_teacher_is_fed_as_its_flags_say(tmp_path: Path, cache: Path) -> None:
+    """An ONNX without our metadata is opened with the --color/--mean/--std given (not refused for
+    missing metadata, not fed with defaults)."""
+    import onnx
+
+    from pfld_export.distil import open_teacher
+    from pfld_export.model import LandmarkModel
+
+    loaded = load_checkpoint(_teacher(tmp_path / "t.pth", 98, cache))
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(LandmarkModel(loaded.model).eval(), (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["output"])
+    assert not onnx.load(str(path)).metadata_props  # a third party's export: nothing says how to feed it
+    pred = open_teacher(DistilConfig(teacher=path, out=tmp_path / "o", color="rgb", mean=(0.5, 0.5, 0.5),
+                                     std=(0.5, 0.5, 0.5)))
+    assert (pred.preprocess.color, pred.preprocess.mean, pred.preprocess.std) == ("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert pred.num_points == 98
