@@ -133,12 +133,19 @@ def test_parse_source_and_mix() -> None:
     assert len({r.image_path for r in recs[30:]}) == 10
 
 
-def test_a_foreign_onnx_teacher_is_fed_as_its_flags_say(tmp_path: Path, cache: Path) -> None:
-    """An ONNX without our metadata is opened with the --color/--mean/--std given (not refused for
-    missing metadata, not fed with defaults)."""
+def test_a_foreign_onnx_teacher_is_fed_as_its_flags_say(tmp_path: Path, cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ONNX without our metadata is opened with the --color/--mean/--std given: nothing is left
+    to measure (a real teacher such as GhostOne cannot be measured and would be refused)."""
     import onnx
 
+    import pfld_export.stage0
     from pfld_export.distil import open_teacher
+
+    def no_measuring(*_: object, **__: object) -> None:
+        raise AssertionError("the flags say everything; nothing should be measured")
+
+    monkeypatch.setattr(pfld_export.stage0, "measure_onnx_preprocess", no_measuring)
     from pfld_export.model import LandmarkModel
 
     loaded = load_checkpoint(_teacher(tmp_path / "t.pth", 98, cache))
