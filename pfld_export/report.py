@@ -495,7 +495,7 @@ def _int8_recipe_lines(rep: Any) -> list[str]:
 
 def format_int8_fit(fit: Any) -> str:
     """The int8 fitting lines under `convert`'s table: what was tried, what was kept, its cost."""
-    lines = ["", f"int8 method  {fit.method} (chosen on {fit.search})"]
+    lines = ["", f"candidates   ranked on {fit.search}; the best is shipped (int8 recipe above)"]
     rows = [[c.method, round(c.shift.mean_px, 4), round(c.shift.p99_px, 4), len(c.float_ops)] for c in fit.candidates]
     lines.append(table(["candidate", "mean px", "p99 px", "float ops"], rows, align="lrrr"))
     if fit.float_ops:
