@@ -180,8 +180,10 @@ class FakeQuantPFLD(nn.Module):
 
     def __init__(self, pfld: PFLD) -> None:
         super().__init__()
-        require_standard(pfld.config, "the int8 simulator (QAT)")
+        # ReLU6 only changes the clip each fused conv applies (TFLite fuses ReLU6 the same way).
+        require_standard(pfld.config, "the int8 simulator (QAT)", relu6_ok=True)
         self.pfld = pfld
+        self._relu: Callable[[torch.Tensor], torch.Tensor] = F.relu6 if pfld.config.activation == "relu6" else F.relu
         self.mode = "quant"
         self.ranges: dict[str, tuple[float, float]] = {}
         self._samples: dict[str, list[np.ndarray]] | None = None  # values kept while observing (mse ranges)
@@ -228,7 +230,7 @@ class FakeQuantPFLD(nn.Module):
         if self.mode == "quant":
             w = fake_quant_weight(w)
         y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return F.relu(y) if relu else y
+        return self._relu(y) if relu else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pfld

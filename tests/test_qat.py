@@ -393,3 +393,22 @@ def test_int8_noise_refuses_an_unknown_block_and_leaves_the_model_as_it_was() ->
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pfld.modules())
     with torch.no_grad():
         assert torch.equal(pfld(x)[1], before)
+
+
+def test_simulator_follows_a_relu6_network() -> None:
+    """The fork checkpoints are ReLU6 networks: the simulator clips where they clip (float mode equals
+    the network; the plain-ReLU reading of the same weights does not)."""
+    from pfld_export.model import PFLD, ModelConfig
+
+    torch.manual_seed(0)
+    relu6 = PFLD(ModelConfig(width=0.25, points=5, activation="relu6")).eval()
+    relu = PFLD(ModelConfig(width=0.25, points=5)).eval()
+    relu.load_state_dict(relu6.state_dict())
+    x = torch.rand(2, 3, 112, 112) * 255  # large enough for activations past 6
+    sim = FakeQuantPFLD(relu6)
+    sim.mode = "float"
+    with torch.no_grad():
+        own, other = (sim(x) - relu6(x)[1]).abs().max(), (sim(x) - relu(x)[1]).abs().max()
+        assert own < 1e-6 and other > 50 * own, (own, other)
+        sim.observe_ranges(x)
+        assert max(hi for site, (_, hi) in sim.ranges.items() if site.endswith(("expand", "depthwise"))) <= 6.0
