@@ -168,3 +168,22 @@ def test_download_verdict_skips_only_on_the_network(tmp_path: Path, text: str, r
     assert needle in p.stderr and (needle or p.stderr == "")
     if rc == 1:
         assert "re-pin it" in p.stderr and str(log) in p.stderr
+
+
+KIT = ROOT / "android_bench" / "cost" / "kit.sh"
+
+
+@pytest.mark.parametrize("text,rc,needle", [
+    (APT_DNS, 0, ""),
+    (APT_404, 1, "qemu-user-static 10.0.2+ds-1~bpo12+1 (404 Not Found): a pinned package vanished"),
+    (PIP_GONE, 1, "ai-edge-litert==2.3.0 (no such version on the index)"),
+    (NOT_A_DOWNLOAD, 2, ""),
+], ids=["apt-dns", "apt-404", "pip-gone", "not-a-download"])
+def test_the_arm_cost_kit_skips_only_on_the_network_too(tmp_path: Path, text: str, rc: int, needle: str) -> None:
+    """The ARM cost kit uses the rig's classifier: a vanished pin fails it as it fails the rig."""
+    log = tmp_path / "tool.log"
+    log.write_text(text)
+    script = f'source "{KIT}"; download_failed "{log}" && exit 0; exit 2'
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == rc, (p.returncode, p.stderr)
+    assert needle in p.stderr and (needle or p.stderr == "")

@@ -20,8 +20,9 @@
 #   * the arm64 Debian userland of the emulated-ARM rig (android_bench/emulated/rig.sh build,
 #     cached in the same place), used read-only as qemu's -L sysroot.
 #
-# Only when a download from a package registry fails (apt, the Debian mirror, PyPI) does it
-# print `ARM COST KIT NOT BUILT: <reason>` and exit 0; anything else exits non-zero.
+# Only when a package registry cannot be reached over the network does it print
+# `ARM COST KIT NOT BUILT: <reason>` and exit 0; a pinned package that vanished or is corrupt, and
+# anything else, exits non-zero.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,8 +52,15 @@ not_built() {
   exit 0
 }
 
+# download_failed LOG: 0 when a failed download step failed for the network (the caller skips the
+# kit loudly); a pinned package that vanished or is corrupt (404, hash mismatch, no such version)
+# dies naming what to re-pin, since retrying will not fix it; 1 when it was no download failure.
+# One classifier for the project's downloads: the rig's (`rig.sh classify-download`).
 download_failed() {
-  grep -qiE "Failed to fetch|Failed getting release|Couldn't download|Failed to download|Unable to fetch|Temporary failure resolving|Could not resolve|Connection refused|Connection timed out|Unable to connect|Network is unreachable|Hash Sum mismatch|404 +Not Found|No matching distribution|Max retries exceeded|ReadTimeoutError|NewConnectionError" "$1"
+  local verdict
+  verdict=$(bash "$REPO/android_bench/emulated/rig.sh" classify-download "$1") || return 1
+  [[ $verdict == network ]] && return 0
+  die "${verdict#repin: }: a pinned package vanished or is corrupt, which retrying will not fix: re-pin it (log: $1)"
 }
 
 # The rig's rootfs, by the same name rig.sh gives it.
@@ -158,6 +166,9 @@ cmd_check() {
   [[ -f "$KIT/.complete" ]] || exit 0  # not built for a download failure: already said so, loudly
   PFLD_COST_KIT="$KIT" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pfld_export.cli cost --arm "$@"
 }
+
+# Sourced (tests of the functions above): define, run nothing.
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
 
 case "${1:-}" in
   build) cmd_build ;;
