@@ -422,7 +422,7 @@ def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None =
     opener = _OPENERS.get(p.suffix.lower())
     if opener is None:
         raise UsageError(f"{p}: unknown model type {p.suffix!r}; use a checkpoint ({', '.join(TORCH_SUFFIXES)}), .onnx or .tflite")
-    given = dict(overrides or {})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     threads = check_threads(threads)
     pred = opener(p, preprocess, threads, given)
     check_landmark_model(pred)
