@@ -390,7 +390,7 @@ def bench(models: tuple[str, ...], threads: str, runs: int, warmup: int, repeats
     from .progress import ProgressBar
     from .report import format_bench, to_json
 
-    cfg = BenchConfig(threads=parse_list(threads, "--threads", int, minimum=1, example="1,2"), runs=runs, warmup=warmup, repeats=repeats,
+    cfg = BenchConfig(threads=parse_list(threads, "--threads", int, example="1,2") or (), runs=runs, warmup=warmup, repeats=repeats,
                       reference=Path(reference) if reference else None, isolate=not in_process, seed=seed)
     with ProgressBar("bench") as bar:
         result = benchmark(list(models), cfg, progress=lambda done, total, what: bar.show(done, total, what))
