@@ -92,22 +92,17 @@ def eval_command(model: str, data_spec: str, color: str | None, mean: str | None
     import json
     from pathlib import Path
 
-    from tqdm import tqdm
-
-    from .evaluate import EvalConfig, EvalRunConfig, eval_json, parse_triple, run_eval
+    from .evaluate import EvalConfig, EvalRunConfig, eval_json, run_eval
+    from .options import parse_triple
+    from .progress import ProgressBar
     from .report import format_eval
 
     cfg = EvalRunConfig(model=Path(model), data=data_spec, out_dir=Path(out_dir), color=color,
                         mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"),
                         eval=EvalConfig(crop_scale=crop_scale, norm=norm, threshold=threshold), strict=strict,
                         threads=threads)
-    # disable=None: the bar shows on an interactive stderr only (never in pipes, CI logs or tests).
-    with tqdm(total=0, desc="eval", unit="face", file=sys.stderr, disable=None, leave=False) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        report = run_eval(cfg, progress)
+    with ProgressBar("eval", unit="face") as bar:
+        report = run_eval(cfg, bar.show)
     click.echo(json.dumps(eval_json(report), indent=2) if as_json else format_eval(report))
 
 def _preprocess_options(fn: F) -> F:
@@ -139,7 +134,7 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
     """Landmark shift of MODEL_B against MODEL_A on the same real face crops (px of the crop, % IOD)."""
     from pathlib import Path
 
-    from .evaluate import parse_triple
+    from .options import parse_triple
     from .predict import FidelityConfig, fidelity_on_folder
     from .report import format_fidelity, to_json
 
@@ -198,8 +193,6 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     """
     from pathlib import Path
 
-    from tqdm import tqdm
-
     if qat:
         _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, qat_trainable, batch, lr, seed, device, threads,
                    no_augment, cache_dir, as_json,
@@ -213,8 +206,9 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
         raise UsageError("--val-images goes with --qat; for training use --val-data")
 
     from .distributed import context_from_env
-    from .report import format_train, format_train_epoch, to_json
-    from .train import TrainConfig, TrainEvent, train as run_train
+    from .progress import ProgressBar, training_progress
+    from .report import format_train, to_json
+    from .train import TrainConfig, train as run_train
 
     cfg = TrainConfig(
         out=Path(out), data=data, val_data=val_data, val_fraction=val_fraction, width=width, points=points, conv2=conv2,
@@ -223,42 +217,17 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
         workers=workers, threads=threads, augment=False if no_augment else None, cache_dir=Path(cache_dir) if cache_dir else None,
         int8_noise=int8_noise, activation=activation,
     )
-    tty = sys.stderr.isatty()
-    bars: dict[str, Any] = {}
-
-    def progress(ev: TrainEvent) -> None:
-        if ev.kind == "setup":
-            click.echo(f"train: {ev.message}", err=True)
-        elif ev.kind in ("preload", "step"):
-            key = "preload" if ev.kind == "preload" else f"epoch {ev.epoch}/{ev.epochs}"
-            if bars.get("key") != key:
-                if "bar" in bars:
-                    bars["bar"].close()
-                bars["bar"] = tqdm(total=ev.steps, desc=key if ev.kind == "step" else "cropping", file=sys.stderr,
-                                   disable=not tty, leave=False, unit="batch" if ev.kind == "step" else "face")
-                bars["key"] = key
-            bar = bars["bar"]
-            if ev.kind == "step":
-                bar.set_postfix(loss=f"{ev.loss:.4g}", lr=f"{ev.lr:.2g}", refresh=False)
-            bar.update(ev.step - bar.n)
-        elif ev.kind == "epoch":
-            if "bar" in bars:
-                bars.pop("bar").close()
-                bars.pop("key", None)
-            tqdm.write(format_train_epoch(ev.record or {}, ev.epochs), file=sys.stderr)
-
+    bar = ProgressBar(unit="batch")
     try:
-        result = run_train(cfg, progress)
+        result = run_train(cfg, training_progress("train", bar))
     except KeyboardInterrupt:
-        if "bar" in bars:
-            bars.pop("bar").close()
+        bar.close()
         last = Path(out) / "last.pth"
         hint = f"; continue with --resume {last}" if last.exists() else ""
         click.echo(f"interrupted: resumable checkpoint saved at {last}{hint}" if last.exists() else "interrupted", err=True)
         sys.exit(130)
     finally:
-        if "bar" in bars:
-            bars.pop("bar").close()
+        bar.close()
     if result.processes == 1 or context_from_env().is_main:  # under torchrun one report, from process 0
         click.echo(to_json(result) if as_json else format_train(result))
 
@@ -295,21 +264,6 @@ def _train_qat(data: str | None, val_images: str | None, init: str | None, out: 
     finally:
         bar.close()
     click.echo(to_json(result) if as_json else format_qat(result))
-
-
-def _three_floats(value: str | None, what: str) -> tuple[float, float, float] | None:
-    """`0.5` -> (0.5, 0.5, 0.5); `0.485,0.456,0.406` -> that triple; None stays None."""
-    from .errors import UsageError
-
-    if value is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in value.replace(" ", "").split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) not in (1, 3):
-        raise UsageError(f"{what} {value!r} is not one number or three comma-separated numbers; e.g. {what} 0.5 or {what} 0.485,0.456,0.406")
-    return (vals * 3)[:3]  # type: ignore[return-value]
 
 
 class _Pixels(click.ParamType):
@@ -382,69 +336,34 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
     import os
     from pathlib import Path
 
-    from tqdm import tqdm
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines are not for users
     from .export.pipeline import ConvertConfig, convert as run_convert
+    from .options import parse_list, parse_triple
+    from .progress import ProgressBar
     from .report import format_convert, to_json
 
     cfg = ConvertConfig(
         model=Path(model), out_dir=Path(out), formats=formats, int8=int8, calib=calib, calib_count=calib_count,
         val_images=val_images, eval_data=eval_data, size_budget=size_budget, name=name, width=width,
-        color=color.upper() if color else None, mean=_three_floats(mean, "--mean"), std=_three_floats(std, "--std"),
+        color=color.upper() if color else None, mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"),
         keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
-        int8_methods=tuple(m for m in int8_methods.replace(" ", "").split(",") if m) if int8_methods else None,
+        int8_methods=parse_list(int8_methods or None, "--int8-method", example="plain,equalize"),
         max_float_ops=max_float_ops, int8_max_seconds=int8_max_seconds, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
         activation=activation, bn8=None if bn8 is None else bn8 == "on", reference_onnx=Path(reference_onnx) if reference_onnx else None,
         model_class=model_class, model_args=model_args, output_index=output_index, output_scale=output_scale,
     )
-    bar = tqdm(total=7 if eval_data else 6, desc="convert", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+    with ProgressBar("convert", total=7 if eval_data else 6) as bar:
+        def progress(stage: str, seconds: float | None) -> None:
+            if seconds is None:
+                bar.note(stage)
+                return
+            if not stage.startswith("tflite "):
+                bar.advance()
+            bar.write(f"convert: {stage} {seconds:.1f} s")
 
-    def progress(stage: str, seconds: float | None) -> None:
-        if seconds is None:
-            bar.set_postfix_str(stage)
-            return
-        if not stage.startswith("tflite "):
-            bar.update(1)
-        tqdm.write(f"convert: {stage} {seconds:.1f} s", file=sys.stderr)
-
-    try:
         report = run_convert(cfg, progress)
-    finally:
-        bar.close()
     click.echo(to_json(report) if as_json else format_convert(report))
     report.raise_for_budgets()
-
-
-def _int_list(value: str, what: str) -> tuple[int, ...]:
-    from .errors import UsageError
-
-    try:
-        out = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise UsageError(f"{what} {value!r} is not a comma-separated list of integers; e.g. {what} 1,2") from None
-    if not out:
-        raise UsageError(f"{what} {value!r} is empty; e.g. {what} 1,2")
-    return out
-
-
-def _progress_bar(desc: str) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
-    """A tqdm bar on stderr (only on a terminal) as a progress(done, total, what) callback."""
-    from tqdm import tqdm
-
-    bar: dict[str, Any] = {}
-
-    def update(done: int, total: int, what: str) -> None:
-        if "b" not in bar:
-            bar["b"] = tqdm(total=total, desc=desc, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
-        bar["b"].set_postfix_str(what[:40])
-        bar["b"].update(done - bar["b"].n)
-
-    def close() -> None:
-        if "b" in bar:
-            bar["b"].close()
-
-    return update, close
 
 
 @main.command()
@@ -467,31 +386,18 @@ def bench(models: tuple[str, ...], threads: str, runs: int, warmup: int, repeats
 
     from .bench.host import BenchConfig, benchmark
     from .io import atomic_write_text
+    from .options import parse_list
+    from .progress import ProgressBar
     from .report import format_bench, to_json
 
-    cfg = BenchConfig(threads=_int_list(threads, "--threads"), runs=runs, warmup=warmup, repeats=repeats,
+    cfg = BenchConfig(threads=parse_list(threads, "--threads", int, example="1,2") or (), runs=runs, warmup=warmup, repeats=repeats,
                       reference=Path(reference) if reference else None, isolate=not in_process, seed=seed)
-    update, close = _progress_bar("bench")
-    try:
-        result = benchmark(list(models), cfg, progress=update)
-    finally:
-        close()
+    with ProgressBar("bench") as bar:
+        result = benchmark(list(models), cfg, progress=lambda done, total, what: bar.show(done, total, what))
     text = to_json(result)
     if out:
         atomic_write_text(out, text + "\n")
     click.echo(text if as_json else format_bench(result))
-
-
-def _bench_arm_threads(text: str) -> tuple[int, ...]:
-    from .errors import UsageError
-
-    try:
-        threads = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise UsageError(f"--threads must be comma-separated integers like 1,4, got {text!r}") from None
-    if not threads or min(threads) < 1:
-        raise UsageError(f"--threads must be positive integers like 1,4, got {text!r}")
-    return threads
 
 
 @main.command("bench-arm")
@@ -525,15 +431,17 @@ def bench_arm_command(models: tuple[str, ...], serial: str | None, all_devices: 
     from pathlib import Path
 
     from .bench.adb import BENCHMARK_MODEL_HINT, BenchArmConfig, BenchFarmConfig, DeviceBenchConfig, bench_arm, bench_arm_devices
-    from .errors import DeviceError, UsageError
     from click.core import ParameterSource
 
+    from .errors import DeviceError, UsageError
+    from .options import parse_list
     from .report import format_bench_arm, format_bench_arm_devices, to_json
 
     if not benchmark_model:
         raise UsageError(f"no benchmark_model binary given: {BENCHMARK_MODEL_HINT}")
-    serials = tuple(s.strip() for s in (serial or "").split(",") if s.strip())
-    bench = DeviceBenchConfig(benchmark_model=Path(benchmark_model), threads=_bench_arm_threads(threads),
+    serials = parse_list(serial or None, "--serial", example="emulator-5554,R58M123") or ()
+    bench = DeviceBenchConfig(benchmark_model=Path(benchmark_model),
+                              threads=parse_list(threads, "--threads", int, minimum=1, example="1,4") or (),
                               warmup_runs=warmup, num_runs=runs, use_xnnpack=not no_xnnpack,
                               op_profiling=op_profiling, taskset=not no_taskset, timeout_s=timeout)
     common = {"models": tuple(Path(m) for m in models), "adb": adb, "out_dir": Path(out_dir), "bench": bench}
@@ -607,7 +515,7 @@ def predict(model: str, inputs: tuple[str, ...], out: str | None, as_json: bool,
     import json as _json
     from pathlib import Path
 
-    from .evaluate import parse_triple
+    from .options import parse_triple
     from .predict import PredictConfig
     from .predict import predict as run_predict
     from .report import format_predict
@@ -645,26 +553,16 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
     import os
     from pathlib import Path
 
-    from tqdm import tqdm
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .export.sensitivity import SensitivityConfig, sensitivity as run_sensitivity
+    from .progress import ProgressBar
     from .report import format_sensitivity, to_json
 
     cfg = SensitivityConfig(model=Path(model), out_dir=Path(out), calib=calib, images=images, calib_count=calib_count,
                             val_count=val_count, io_dtype="int8" if full_int8 else "float32", range_method=range_method,
                             leave_one_out=leave_one_out, equalize=equalize, top=top, seed=seed)
-    bar = tqdm(desc="sensitivity", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="model")
-
-    def progress(done: int, total: int, what: str) -> None:
-        bar.total = total
-        bar.set_postfix_str(what[:40], refresh=False)
-        bar.update(done - bar.n)
-
-    try:
-        report = run_sensitivity(cfg, progress)
-    finally:
-        bar.close()
+    with ProgressBar("sensitivity", unit="model") as bar:
+        report = run_sensitivity(cfg, lambda done, total, what: bar.show(done, total, what))
     click.echo(to_json(report) if as_json else format_sensitivity(report, top))
 
 
@@ -704,12 +602,10 @@ def distil(teacher: str, data: tuple[str, ...], color: str | None, mean: str | N
     """Train a PFLD student to reproduce TEACHER's landmarks on unlabelled faces (no annotations needed)."""
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from .distil import DEFAULT_DATA, DistilConfig, distil as run_distil
-    from .evaluate import parse_triple
-    from .report import format_distil, format_train_epoch, to_json
-    from .train import TrainEvent
+    from .options import parse_triple
+    from .progress import ProgressBar, labelling_progress, training_progress
+    from .report import format_distil, to_json
 
     cfg = DistilConfig(
         teacher=Path(teacher), data=data or DEFAULT_DATA, out=Path(out), width=width, color=color.upper() if color else None,
@@ -718,28 +614,9 @@ def distil(teacher: str, data: tuple[str, ...], color: str | None, mean: str | N
         refine=not no_refine, augment=False if no_augment else None, resume=Path(resume) if resume else None,
         device=device, workers=workers, threads=threads, cache_dir=Path(cache_dir) if cache_dir else None,
     )
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=0, file=sys.stderr, disable=not tty, leave=False)
-
-    def label_progress(source: str, done: int, total: int) -> None:
-        bar.set_description(f"teacher on {source}"[:40], refresh=False)
-        bar.total = total
-        bar.update(done - bar.n)
-
-    def progress(ev: TrainEvent) -> None:
-        if ev.kind == "setup":
-            click.echo(f"distil: {ev.message}", err=True)
-        elif ev.kind == "step":
-            if bar.total != ev.steps or ev.step == 1:
-                bar.reset(total=ev.steps)
-                bar.set_description(f"epoch {ev.epoch}/{ev.epochs}", refresh=False)
-            bar.set_postfix(loss=f"{ev.loss:.4g}", refresh=False)
-            bar.update(ev.step - bar.n)
-        elif ev.kind == "epoch":
-            tqdm.write(format_train_epoch(ev.record or {}, ev.epochs), file=sys.stderr)
-
+    bar = ProgressBar()
     try:
-        result = run_distil(cfg, progress, label_progress)
+        result = run_distil(cfg, training_progress("distil", bar), labelling_progress(bar))
     except KeyboardInterrupt:
         last = Path(out) / "last.pth"
         click.echo(f"interrupted: resumable checkpoint saved at {last}; continue with --resume {last}"

@@ -175,12 +175,12 @@ class DistilResult:
 def open_teacher(cfg: DistilConfig) -> Predictor:
     """The teacher as a Predictor with its preprocessing (CLI overrides win); refuses what a
     student cannot learn from (see the module docstring)."""
+    from .preprocess import preprocess_overrides
     from .runtime import open_predictor
 
     # Flags win; a foreign teacher without preprocessing metadata has the rest measured, or is
     # refused naming the flags, like every other command that opens a model.
-    pred = open_predictor(cfg.teacher, overrides={"color": cfg.color.upper() if cfg.color else None,
-                                                  "mean": cfg.mean, "std": cfg.std})
+    pred = open_predictor(cfg.teacher, overrides=preprocess_overrides(cfg.color, cfg.mean, cfg.std))
     if pred.num_points < MIN_POINTS:
         raise UsageError(
             f"teacher {cfg.teacher} predicts {pred.num_points} point(s); a student needs at least {MIN_POINTS} "

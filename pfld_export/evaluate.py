@@ -13,7 +13,7 @@ variant are measured the same way:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,7 +22,7 @@ import numpy as np
 from .errors import DataError, UsageError
 from .layouts import PointLayout, get_layout
 from .metrics import auc, failure_rate, nme, resolve_norm
-from .preprocess import CropTransform, Preprocess, crop_from_landmarks
+from .preprocess import CropTransform, crop_from_landmarks, preprocess_overrides
 from .runtime import Predictor
 from .data.records import ATTRIBUTES, FaceRecord, LoadProblem, read_image
 
@@ -201,35 +201,6 @@ def fidelity(
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_triple(text: str | None, flag: str) -> tuple[float, float, float] | None:
-    """'0.5' or '0.5,0.5,0.5' -> (0.5, 0.5, 0.5); None stays None. UsageError names the flag."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise UsageError(f"{flag} needs one number or three comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3 or not all(np.isfinite(vals)):
-        raise UsageError(f"{flag} needs one number or three comma-separated numbers like 0.5,0.5,0.5, got {text!r}")
-    return (vals[0], vals[1], vals[2])
-
-
-def with_overrides(base: Preprocess, color: str | None = None, mean: tuple[float, float, float] | None = None,
-                   std: tuple[float, float, float] | None = None) -> Preprocess:
-    """`base` with the given fields replaced (CLI flags win over the model's own metadata)."""
-    changes: dict[str, object] = {}
-    if color is not None:
-        changes["color"] = color.upper()
-    if mean is not None:
-        changes["mean"] = tuple(mean)
-    if std is not None:
-        changes["std"] = tuple(std)
-    return replace(base, **changes) if changes else base  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class EvalRunConfig:
     """`pfld-export eval`: which model, which faces, where the report goes."""
@@ -289,8 +260,7 @@ def run_eval(cfg: EvalRunConfig, progress: Progress | None = None) -> EvalReport
     from .runtime import open_predictor
 
     model = Path(cfg.model)
-    predictor = open_predictor(model, threads=cfg.threads,
-                               overrides={"color": cfg.color.upper() if cfg.color else None, "mean": cfg.mean, "std": cfg.std})
+    predictor = open_predictor(model, threads=cfg.threads, overrides=preprocess_overrides(cfg.color, cfg.mean, cfg.std))
     data = load_spec(cfg.data, strict=cfg.strict, cache_dir=cfg.cache_dir)
     result = evaluate(predictor, data.records, cfg.eval, progress)
     out = Path(cfg.out_dir)

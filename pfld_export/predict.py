@@ -29,6 +29,7 @@ from .draw import contact_sheet, draw_faces, write_image
 from .errors import DataError, PfldError, UsageError
 from .io import atomic_path, atomic_write_json
 from .layouts import PointLayout, get_layout
+from .preprocess import preprocess_overrides
 from .runtime import Predictor, open_predictor
 
 SCHEMA_ID = "pfld-export/predict/1"
@@ -247,18 +248,8 @@ def open_model(path: str | os.PathLike[str], color: str | None = None, mean: Seq
 
     `mean`/`std` take one value (used for all channels) or three.
     """
-
-    def three(v: Sequence[float] | None, flag: str) -> tuple[float, float, float] | None:
-        if v is None:
-            return None
-        vals = tuple(float(x) for x in v) * (3 if len(v) == 1 else 1)
-        if len(vals) != 3:
-            raise UsageError(f"{flag} takes 1 or 3 values, got {len(v)}: {list(v)}")
-        return vals  # type: ignore[return-value]
-
     # The stored record stays the base and flags replace fields; a foreign ONNX's missing fields are measured or refused.
-    return open_predictor(path, threads=threads, overrides={"color": color.upper() if color else None,
-                                                            "mean": three(mean, "--mean"), "std": three(std, "--std")})
+    return open_predictor(path, threads=threads, overrides=preprocess_overrides(color, mean, std))
 
 
 def model_layout(pred: Predictor) -> PointLayout:

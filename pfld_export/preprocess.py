@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import cv2
 import numpy as np
 
 from .errors import UsageError
+from .options import per_channel
 
 ColorOrder = Literal["BGR", "RGB"]
 
@@ -72,6 +73,19 @@ class Preprocess:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def preprocess_overrides(color: str | None = None, mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None) -> dict[str, Any]:
+    """The --color/--mean/--std flags as the `Preprocess` fields they replace, only those given:
+    colour upper-cased, a single mean or std value used for all three channels.
+
+    Every command applies them the same way, over the model's own record (or over what stage 0
+    measures for the fields they leave open): `open_predictor(path, overrides=fields)`, or
+    `dataclasses.replace(base, **fields)` where the record is already at hand."""
+    fields: dict[str, Any] = {"color": color.upper() if color else None, "mean": per_channel(mean, "--mean"),
+                              "std": per_channel(std, "--std")}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -317,16 +317,18 @@ def landmark_points(shape: Sequence[Any], where: str) -> int | None:
     )
 
 
-def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None) -> TorchPredictor:
+def _open_torch(path: Path, preprocess: Preprocess | None, threads: int | None, given: Mapping[str, Any]) -> TorchPredictor:
+    from . import stage0
     from .checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path, preprocess=preprocess)
-    if loaded.meta.source_format != "pfld-export":
+    if loaded.meta.source_format != stage0.OWN_FORMAT:
         # A foreign checkpoint leaves its activation (and maybe bn8 and preprocessing) open:
-        # measured on synthetic faces by stage 0, never left at a default.
-        from .stage0 import resolve
-
-        loaded, _ = resolve(path, preprocess=preprocess)
+        # measured on synthetic faces by stage 0, never left at a default, and measured once,
+        # under the flags' preprocessing (the activation is settled with the colours it is fed).
+        loaded, _ = stage0.resolve(path, preprocess=preprocess, given=given)
+    elif given:
+        loaded.meta.preprocess = dataclasses.replace(loaded.meta.preprocess, **given)
     return TorchPredictor(path=path, preprocess=loaded.meta.preprocess, module=loaded.inference_model(),
                           num_points=loaded.meta.model.points, threads=threads, name=path.name)
 
@@ -347,12 +349,13 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -> OnnxPredictor:
-    meta = onnx_metadata(path)
+def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None, given: Mapping[str, Any]) -> OnnxPredictor:
     if preprocess is None:
         # A foreign ONNX without our metadata is opened with the defaults only by `open_predictor`,
-        # which measures (or refuses) before anything is predicted with them.
+        # which measures (or refuses) what the flags leave open before anything is predicted.
+        meta = onnx_metadata(path)
         preprocess = Preprocess.from_dict(json.loads(meta[ONNX_META_PREPROCESS])) if ONNX_META_PREPROCESS in meta else Preprocess()
+    preprocess = dataclasses.replace(preprocess, **given)
     try:
         sess = ort_session(path, threads)
     except Exception as e:  # onnxruntime's pybind errors (InvalidArgument, Fail, ...) share no useful base
@@ -370,10 +373,11 @@ def _open_onnx(path: Path, preprocess: Preprocess | None, threads: int | None) -
                          nhwc=nhwc, num_points=npts, name=path.name)
 
 
-def _open_tflite(path: Path, preprocess: Preprocess | None, threads: int | None) -> TFLitePredictor:
+def _open_tflite(path: Path, preprocess: Preprocess | None, threads: int | None, given: Mapping[str, Any]) -> TFLitePredictor:
     side = read_sidecar(path)
     if preprocess is None:
         preprocess = Preprocess.from_dict(side["preprocess"]) if side and "preprocess" in side else Preprocess()
+    preprocess = dataclasses.replace(preprocess, **given)
     Interpreter = tflite_interpreter_class()
     try:
         interp = Interpreter(model_path=str(path), num_threads=threads or 1)
@@ -397,7 +401,7 @@ def _open_tflite(path: Path, preprocess: Preprocess | None, threads: int | None)
                            _in_index=ind["index"], _out_index=out["index"], _in_dtype=np.dtype(ind["dtype"]).type)
 
 
-_OPENERS: dict[str, Callable[[Path, Preprocess | None, int | None], Predictor]] = {
+_OPENERS: dict[str, Callable[[Path, Preprocess | None, int | None, Mapping[str, Any]], Predictor]] = {
     ".onnx": _open_onnx,
     ".tflite": _open_tflite,
     **{s: _open_torch for s in TORCH_SUFFIXES},
@@ -406,10 +410,12 @@ _OPENERS: dict[str, Callable[[Path, Preprocess | None, int | None], Predictor]] 
 
 def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None = None, threads: int | None = None,
                    overrides: dict[str, Any] | None = None, timing_only: bool = False) -> Predictor:
-    """Open a checkpoint, `.onnx` or `.tflite` as a Predictor. `preprocess` replaces metadata;
-    `overrides` (color / mean / std, from flags) replace fields of it. A foreign ONNX without our
-    metadata has its missing fields measured on face crops (`stage0`) or is refused naming the flags;
-    `timing_only` (benchmarks) skips that: latency does not depend on what the input values mean."""
+    """Open a checkpoint, `.onnx` or `.tflite` as a Predictor, once. `preprocess` replaces metadata;
+    `overrides` (color / mean / std from flags, see `preprocess.preprocess_overrides`) replace
+    fields of it. A foreign ONNX without our metadata has the fields the flags leave open measured
+    on face crops (`stage0`) or is refused naming the flags; `timing_only` (benchmarks) skips that:
+    latency does not depend on what the input values mean. A foreign checkpoint goes through stage 0
+    once, under the flags' preprocessing."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"model {p} does not exist; check the path")
@@ -418,18 +424,14 @@ def open_predictor(path: str | os.PathLike[str], preprocess: Preprocess | None =
         raise UsageError(f"{p}: unknown model type {p.suffix!r}; use a checkpoint ({', '.join(TORCH_SUFFIXES)}), .onnx or .tflite")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     threads = check_threads(threads)
-    if preprocess is None and not timing_only and p.suffix.lower() == ".onnx" and ONNX_META_PREPROCESS not in onnx_metadata(p):
-        if {"color", "mean", "std"} <= set(given):
-            preprocess = Preprocess(**given)
-        else:
-            from .stage0 import measure_onnx_preprocess
-
-            preprocess = measure_onnx_preprocess(p, given)[0]
-        given = {}
-    pred = opener(p, preprocess, threads)
-    if given:
-        pred = opener(p, dataclasses.replace(pred.preprocess, **given), threads)
+    pred = opener(p, preprocess, threads, given)
     check_landmark_model(pred)
+    if (preprocess is None and not timing_only and p.suffix.lower() == ".onnx" and not {"color", "mean", "std"} <= set(given)
+            and ONNX_META_PREPROCESS not in onnx_metadata(p)):
+        from . import stage0  # looked up on the module: tests replace the measurement
+
+        pred.preprocess = stage0.measure_preprocess(pred, given)[0]
+        check_landmark_model(pred)
     return pred
 
 

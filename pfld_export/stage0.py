@@ -27,7 +27,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -142,9 +142,12 @@ def _predict(loaded: LoadedModel, pre: Preprocess, crops: np.ndarray) -> np.ndar
     return out.reshape(len(crops), -1, 2) * pre.input_size
 
 
-def preprocess_candidates(base: Preprocess) -> list[Preprocess]:
-    """Every colour order x usual normalisation, keeping `base`'s scale, size and layout."""
-    return [dataclasses.replace(base, color=c, mean=m, std=s) for c in ("BGR", "RGB") for _, m, s in NORMALISATIONS]
+def preprocess_candidates(base: Preprocess, given: Mapping[str, Any] | None = None) -> list[Preprocess]:
+    """Every colour order x usual normalisation agreeing with the flags `given` (color / mean /
+    std), keeping `base`'s scale, size and layout."""
+    given = dict(given or {})
+    cands = [dataclasses.replace(base, color=c, mean=m, std=s) for c in ("BGR", "RGB") for _, m, s in NORMALISATIONS]
+    return [p for p in cands if all(getattr(p, k) == v for k, v in given.items())]
 
 
 def resolve(
@@ -154,18 +157,20 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     preprocess: Preprocess | None = None,
     reference_onnx: str | os.PathLike[str] | None = None,
+    given: Mapping[str, Any] | None = None,
 ) -> tuple[LoadedModel, Stage0Result]:
     """Load a checkpoint with every choice its tensors leave open settled (flag, reference or
     measurement), and the float model checked for plausibility.
 
     `flags`: explicit `ModelConfig` fields (activation, head_bn). `preprocess`: explicit
     preprocessing (None: the file's metadata, its source format's convention, or measured).
-    Raises UsageError naming the flag when a choice is too close to call, and ToleranceError when
-    `reference_onnx` disagrees with every candidate.
+    `given`: preprocessing fields set by flags (color / mean / std) over either; only the fields
+    they leave open are measured. Raises UsageError naming the flag when a choice is too close to
+    call, and ToleranceError when `reference_onnx` disagrees with every candidate.
     """
     flags = dict(flags or {})
     return resolve_with(lambda combo: load_checkpoint(path, preprocess=preprocess, overrides={**flags, **combo}),
-                        Path(path), crops, crops_what, flags, preprocess, reference_onnx)
+                        Path(path), crops, crops_what, flags, preprocess, reference_onnx, given)
 
 
 def resolve_with(
@@ -176,52 +181,117 @@ def resolve_with(
     flags: Mapping[str, Any],
     preprocess: Preprocess | None,
     reference_onnx: str | os.PathLike[str] | None = None,
+    given: Mapping[str, Any] | None = None,
 ) -> tuple[LoadedModel, Stage0Result]:
     """`resolve` for any loader: `load(choices)` builds the network with those open fields set
     (a `--model-class` network has none open; only its preprocessing may be)."""
     base = load({})
-    if crops is None:
-        crops = synthetic_crops(size=base.meta.preprocess.input_size)
-        crops_what = "synthetic faces"
-    elif len(crops) > MAX_FACES:  # an even spread of the given faces; each candidate runs them all
-        crops = crops[np.linspace(0, len(crops) - 1, MAX_FACES).round().astype(int)]
+    crops, crops_what = _stage0_crops(crops, crops_what, base.meta.preprocess.input_size)
     opened = [f for f in base.meta.provenance.get("open", []) if f not in flags]
     how: dict[str, str] = {k: "flag" for k in flags}
     foreign = base.meta.source_format != OWN_FORMAT
-    pre_fixed = preprocess is not None or not foreign
-    convention = None if pre_fixed else CONVENTIONS.get(base.meta.source_format)
-    base_pre = base.meta.preprocess
-    pres = [base_pre] if pre_fixed else preprocess_candidates(base_pre)
+    pres, convention = _preprocess_choices(base.meta.preprocess, base.meta.source_format, preprocess is not None or not foreign,
+                                           dict(given or {}))
+    pre_fixed = len(pres) == 1
     fields = {f: FIELD_CANDIDATES[f] for f in opened}
     combos = [dict(zip(fields, vals)) for vals in itertools.product(*fields.values())] or [{}]
-    loaded_by: dict[tuple[Any, ...], LoadedModel] = {}
+    loaded_by = {tuple(combo.values()): base if not combo else load(combo) for combo in combos}
+    rows, preds = _score_candidates(combos, loaded_by, pres, crops)
+
+    ref_result = None
+    if reference_onnx is not None:
+        ref_result, rows = _keep_matching_reference(reference_onnx, path, loaded_by, rows, crops, pres[0])
+        how.update({f: "reference ONNX" for f in opened})
+    choices, margins = _settle_fields(opened, rows, preds, how, measured=ref_result is None,
+                                      context=(Path(path).name, len(crops), crops_what))
+    key = tuple(choices[f] for f in opened)
+    winners = [r for r in rows if tuple(r["choice"].values()) == key]
+    pre_i = max(winners, key=lambda r: r["plausibility"].score)["preprocess"]
+    if not pre_fixed:
+        pre_i, how["preprocess"], pre_margin = _pick_preprocess(winners, pres, convention, preds, key, Path(path).name, len(crops), crops_what)
+        margins["preprocess"] = round(pre_margin, 4)
+        choices["preprocess"] = pres[pre_i].to_dict()
+    chosen = loaded_by[key]
+    chosen.meta.preprocess = pres[pre_i]
+    chosen.meta.provenance["inferred"] = {**chosen.meta.provenance.get("inferred", {}), **how}
+    chosen.meta.provenance["open"] = []
+    win = next(r for r in winners if r["preprocess"] == pre_i)["plausibility"]
+    result = Stage0Result(
+        choices=choices, how=how, plausibility=win, margins=margins, faces=len(crops), crops=crops_what,
+        candidates=[{"choice": {**r["choice"], "preprocess": _show(pres[r["preprocess"]].to_dict())},
+                     "score": r["plausibility"].score, "outside": r["plausibility"].outside} for r in rows],
+        reference=ref_result, gated=foreign,
+    )
+    chosen.meta.provenance["stage0"] = {"how": how, "margins": margins, "outside": win.outside, "faces": len(crops), "crops": crops_what}
+    return chosen, result
+
+
+def _stage0_crops(crops: np.ndarray | None, what: str, size: int) -> tuple[np.ndarray, str]:
+    """The faces every candidate predicts: synthetic when none are given, else an even spread of at most `MAX_FACES`."""
+    if crops is None:
+        return synthetic_crops(size=size), "synthetic faces"
+    if len(crops) > MAX_FACES:  # each candidate runs them all
+        crops = crops[np.linspace(0, len(crops) - 1, MAX_FACES).round().astype(int)]
+    return crops, what
+
+
+def _preprocess_choices(base: Preprocess, source_format: str, fixed: bool,
+                        given: dict[str, Any]) -> tuple[list[Preprocess], Preprocess | None]:
+    """The preprocessing candidates stage 0 scores, and the source format's convention among them.
+
+    One candidate when it is fixed (explicit, our own metadata, or every field flagged); else the
+    usual ones agreeing with the flags, or, when the flags name an unusual value, each usual one
+    with the flags applied (the value is the user's; what it leaves open is still measured)."""
+    if fixed:
+        return [dataclasses.replace(base, **given)], None
+    pres = preprocess_candidates(base, given)
+    if not pres:
+        pres = list({p: None for p in (dataclasses.replace(c, **given) for c in preprocess_candidates(base))})
+    convention = CONVENTIONS.get(source_format)
+    if convention is not None:
+        convention = dataclasses.replace(convention, **given)
+        if not any((p.color, p.mean, p.std) == (convention.color, convention.mean, convention.std) for p in pres):
+            convention = None
+    return pres, convention
+
+
+def _score_candidates(combos: list[dict[str, Any]], loaded_by: dict[tuple[Any, ...], LoadedModel], pres: list[Preprocess],
+                      crops: np.ndarray) -> tuple[list[dict[str, Any]], dict[tuple[Any, ...], np.ndarray]]:
+    """Every network x preprocessing candidate on the crops: one row each (choice, preprocess
+    index, plausibility) and the landmarks keyed by the choice values plus the preprocess index."""
     rows: list[dict[str, Any]] = []
     preds: dict[tuple[Any, ...], np.ndarray] = {}
     for combo in combos:
         key = tuple(combo.values())
-        loaded_by[key] = base if not combo else load(combo)
         for i, pre in enumerate(pres):
             pts = _predict(loaded_by[key], pre, crops)
             preds[key + (i,)] = pts
             rows.append({"choice": combo, "preprocess": i, "plausibility": plausibility(pts, pre.input_size)})
+    return rows, preds
 
-    ref_result = None
-    if reference_onnx is not None:
-        ref_result, matching = _match_reference(reference_onnx, loaded_by, crops, pres[0])
-        if not matching:
-            worst = ref_result["max_diff"]
-            raise ToleranceError(
-                f"stage 0: {Path(path).name} vs its author's export {Path(reference_onnx).name}", worst, REFERENCE_ATOL,
-                "the network built from the weights is not the one the author ran; check --activation / --bn8, "
-                "or convert the author's ONNX directly")
-        rows = [r for r in rows if tuple(r["choice"].values()) in matching]
-        for f in opened:
-            how[f] = "reference ONNX"
 
+def _keep_matching_reference(reference_onnx: str | os.PathLike[str], path: Path, loaded_by: dict[tuple[Any, ...], LoadedModel],
+                             rows: list[dict[str, Any]], crops: np.ndarray,
+                             pre: Preprocess) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The rows of the networks that reproduce the author's export; ToleranceError when none does."""
+    ref_result, matching = _match_reference(reference_onnx, loaded_by, crops, pre)
+    if not matching:
+        raise ToleranceError(
+            f"stage 0: {Path(path).name} vs its author's export {Path(reference_onnx).name}", ref_result["max_diff"], REFERENCE_ATOL,
+            "the network built from the weights is not the one the author ran; check --activation / --bn8, "
+            "or convert the author's ONNX directly")
+    return ref_result, [r for r in rows if tuple(r["choice"].values()) in matching]
+
+
+def _settle_fields(opened: list[str], rows: list[dict[str, Any]], preds: dict[tuple[Any, ...], np.ndarray],
+                   how: dict[str, str], measured: bool, context: tuple[str, int, str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each open network field from the best row: measured when it wins by `MARGIN` against the
+    best row answering otherwise (same preprocessing), the conventional value when the two agree
+    within `AGREE_PX`, else UsageError naming the flag. `how` gains each field's source."""
     best = max(rows, key=lambda r: r["plausibility"].score)
     margins: dict[str, float] = {}
     choices: dict[str, Any] = {f: best["choice"][f] for f in opened}
-    for f in opened if ref_result is None else []:
+    for f in opened if measured else []:
         rivals = [r for r in rows if r["choice"][f] != best["choice"][f] and r["preprocess"] == best["preprocess"]]
         rival = max(rivals, key=lambda r: r["plausibility"].score)
         gap = best["plausibility"].score - rival["plausibility"].score
@@ -235,32 +305,11 @@ def resolve_with(
             choices[f] = FIELD_CANDIDATES[f][0]
             how[f] = "measured (candidates agree; conventional value kept)"
             continue
+        name, faces, what = context
         raise UsageError(
-            f"stage 0 cannot tell {f} of {Path(path).name} from face crops (plausibility {best['plausibility'].score:.3f} "
-            f"vs {rival['plausibility'].score:.3f} on {len(crops)} {crops_what}); set it: {FIELD_FLAGS[f]}")
-
-    key = tuple(choices[f] for f in opened)
-    winners = [r for r in rows if tuple(r["choice"].values()) == key]
-    pre_i = max(winners, key=lambda r: r["plausibility"].score)["preprocess"]
-    if not pre_fixed:
-        pre_i, how["preprocess"], pre_margin = _pick_preprocess(winners, pres, convention, preds, key, Path(path).name, len(crops), crops_what)
-        margins["preprocess"] = round(pre_margin, 4)
-    chosen = loaded_by[key]
-    chosen.meta.preprocess = pres[pre_i]
-    chosen.meta.provenance["inferred"] = {**chosen.meta.provenance.get("inferred", {}), **how}
-    chosen.meta.provenance["open"] = []
-    win = next(r for r in winners if r["preprocess"] == pre_i)["plausibility"]
-    out_choices: dict[str, Any] = dict(choices)
-    if not pre_fixed:
-        out_choices["preprocess"] = pres[pre_i].to_dict()
-    result = Stage0Result(
-        choices=out_choices, how=how, plausibility=win, margins=margins, faces=len(crops), crops=crops_what,
-        candidates=[{"choice": {**r["choice"], "preprocess": _show(pres[r["preprocess"]].to_dict())},
-                     "score": r["plausibility"].score, "outside": r["plausibility"].outside} for r in rows],
-        reference=ref_result, gated=foreign,
-    )
-    chosen.meta.provenance["stage0"] = {"how": how, "margins": margins, "outside": win.outside, "faces": len(crops), "crops": crops_what}
-    return chosen, result
+            f"stage 0 cannot tell {f} of {name} from face crops (plausibility {best['plausibility'].score:.3f} "
+            f"vs {rival['plausibility'].score:.3f} on {faces} {what}); set it: {FIELD_FLAGS[f]}")
+    return choices, margins
 
 
 def _pick_preprocess(rows: list[dict[str, Any]], pres: list[Preprocess], convention: Preprocess | None,
@@ -400,36 +449,44 @@ def model_info(path: str | os.PathLike[str], calib: str | None = None, flags: Ma
     )
 
 
-def measure_onnx_preprocess(path: str | os.PathLike[str], given: Mapping[str, Any], crops: np.ndarray | None = None,
-                            crops_what: str = "synthetic faces") -> tuple[Preprocess, str, float]:
-    """How a foreign ONNX without our metadata must be fed: the candidates consistent with the
-    flags `given` (color / mean / std) scored on face crops. Returns (preprocess, how, margin);
-    UsageError naming the missing flags when the crops cannot tell."""
-    from .runtime import open_predictor
+class Probe(Protocol):
+    """What measuring a model's preprocessing needs of an opened model (a `runtime.Predictor`)."""
 
-    pred = open_predictor(path, preprocess=Preprocess(**dict(given)))
-    size = pred.preprocess.input_size
-    if crops is None:
-        crops = synthetic_crops(size=size)
-    elif len(crops) > MAX_FACES:
-        crops = crops[np.linspace(0, len(crops) - 1, MAX_FACES).round().astype(int)]
-    layout = dataclasses.replace(pred.preprocess, layout=f"custom{pred.num_points}")
-    cands = [p for p in preprocess_candidates(layout) if all(getattr(p, k) == v for k, v in given.items())]
+    name: str
+    preprocess: Preprocess
+    num_points: int
+
+    def predict(self, crops: np.ndarray) -> np.ndarray: ...
+
+
+def measure_preprocess(model: Probe, given: Mapping[str, Any], crops: np.ndarray | None = None,
+                       crops_what: str = "synthetic faces") -> tuple[Preprocess, str, float]:
+    """How an opened model without preprocessing metadata (a foreign ONNX) must be fed: the
+    candidates consistent with the flags `given` (color / mean / std) scored on face crops.
+    Returns (preprocess, how, margin); UsageError naming the missing flags when the crops cannot
+    tell. `model.preprocess` is left as it was."""
+    opened_with = model.preprocess
+    size = opened_with.input_size
+    crops, crops_what = _stage0_crops(crops, crops_what, size)
+    layout = dataclasses.replace(opened_with, layout=f"custom{model.num_points}")
+    cands = preprocess_candidates(layout, given)
+    missing = [f"--{k}" for k in ("color", "mean", "std") if k not in given]
     if not cands:  # e.g. --mean 0.3 alone: not one of the usual pairs, so nothing to measure
-        missing = [f"--{k}" for k in ("color", "mean", "std") if k not in given]
-        raise UsageError(f"{Path(path).name} carries no preprocessing metadata and {', '.join(f'--{k}' for k in given)} "
+        raise UsageError(f"{model.name} carries no preprocessing metadata and {', '.join(f'--{k}' for k in given)} "
                          f"alone matches no usual normalisation; give {' and '.join(missing)} too")
     scored = []
-    for p in cands:
-        pred.preprocess = p
-        pts = pred.predict(crops)
-        scored.append((plausibility(pts, size).score, p, pts))
+    try:
+        for p in cands:
+            model.preprocess = p
+            pts = model.predict(crops)
+            scored.append((plausibility(pts, size).score, p, pts))
+    finally:
+        model.preprocess = opened_with
     scored.sort(key=lambda t: -t[0])
-    missing = [f"--{k}" for k in ("color", "mean", "std") if k not in given]
     best_p = plausibility(scored[0][2], size)
     if best_p.outside > MAX_OUTSIDE or best_p.bad_spread > 0.1:
         raise UsageError(
-            f"{Path(path).name} carries no preprocessing metadata and no usual preprocessing makes it predict face-shaped "
+            f"{model.name} carries no preprocessing metadata and no usual preprocessing makes it predict face-shaped "
             f"landmarks on {len(crops)} {crops_what} (best: {100 * best_p.outside:.0f} % of points outside the crop); "
             f"say how it was trained with {' '.join(m + ' ...' for m in missing) or '--color --mean --std'}")
     if len(scored) == 1:
@@ -440,6 +497,6 @@ def measure_onnx_preprocess(path: str | os.PathLike[str], given: Mapping[str, An
     if float(np.linalg.norm(a - b, axis=-1).mean()) <= AGREE_PX:
         return p1, "measured (candidates agree)", s1 - s2
     raise UsageError(
-        f"{Path(path).name} carries no preprocessing metadata and face crops cannot tell how it was fed "
+        f"{model.name} carries no preprocessing metadata and face crops cannot tell how it was fed "
         f"({_show(p1.to_dict())} scores {s1:.3f}, {_show(p2.to_dict())} {s2:.3f} on {len(crops)} {crops_what}); "
         f"say how it was trained with {' '.join(m + ' ...' for m in missing)} (e.g. GhostOne PFLD: --color RGB --mean 0.5 --std 0.5)")

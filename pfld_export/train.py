@@ -711,8 +711,7 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
            prepared: PreparedData | None = None) -> TrainResult:
     from torch.utils.data import DataLoader
 
-    from .data.augment import AugmentConfig
-    from .data.dataset import DatasetConfig, EpochBatches, FaceDataset, worker_init
+    from .data.dataset import worker_init
 
     t0 = time.perf_counter()
 
@@ -720,14 +719,7 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
         if progress is not None:
             progress(ev)
 
-    resumed = _load_resume(cfg, ctx)
-    run = _resolve(cfg, dict(resumed.meta.training["config"]) if resumed is not None else None)
-    check_global_batch(int(run["batch"]), ctx)
-    init_ckpt = None
-    if resumed is None and run["init"]:
-        # A foreign init's open choices (activation...) are measured, as for convert and eval.
-        init_ckpt = resolve_checkpoint(run["init"])[0]
-        _check_init(Path(run["init"]), init_ckpt, run)
+    resumed, run, init_ckpt = _run_settings(cfg, ctx)
     seed = int(run["seed"])
     torch.manual_seed(seed)  # here, never at import: model init and any torch randomness follow --seed
 
@@ -736,8 +728,58 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
         train_records, val_records, layout, description = load_data(run, cfg)
     else:
         train_records, val_records, layout, description = prepared.train, prepared.val, prepared.layout, prepared.description
+    st, ds, sampler, class_freq = _training_state(cfg, run, ctx, device, resumed, init_ckpt, (train_records, val_records),
+                                                  layout, description, prepared.provenance if prepared else {}, emit)
+
+    # One loader for the run. A worker is a spawned process that lives for the whole run (forked
+    # workers hang in OpenCV once the parent has used its thread pool); it gets the dataset once,
+    # and the sampler's (epoch, index) keys tell it which augmentation to draw.
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda",
+                        **({"multiprocessing_context": "spawn", "persistent_workers": True} if cfg.workers else {}))
+    loop = _Loop(nets=(wrap(st.model, ctx, device), wrap(st.aux, ctx, device)), loader=loader, sampler=sampler, step=step,
+                 device=device, class_freq=class_freq, ctx=ctx, emit=emit)
+    out = cfg.out
+    best_path, last_path, hist_path = out / "best.pth", out / "last.pth", out / "history.json"
+    if val_records and cfg.eval_initial and resumed is None:
+        emit(TrainEvent("setup", message=f"validating the initial network on {len(val_records)} faces"))
+        st.initial_val_nme = _validate(st, val_records, loop, last_path)
+    _run_epochs(st, loop, cfg, val_records, (best_path, last_path, hist_path), t0)
+    if ctx.is_main and not best_path.exists():  # e.g. a resumed run whose earlier best lives elsewhere
+        _save(st, best_path, {"epoch": st.epoch})
+    return TrainResult(
+        best_checkpoint=best_path, last_checkpoint=last_path, history_file=hist_path, history=st.history,
+        best_val_nme=st.best_val_nme, best_epoch=st.best_epoch, initial_val_nme=st.initial_val_nme,
+        wall_s=time.perf_counter() - t0, config=_plain(run), train_faces=len(train_records), val_faces=len(val_records),
+        device=str(device), processes=ctx.world_size,
+    )
+
+
+def _run_settings(cfg: TrainConfig, ctx: DistContext) -> tuple[Any, dict[str, Any], Any]:
+    """The checkpoint resumed from (or None), the run's settings, and the --init checkpoint (or None)."""
+    resumed = _load_resume(cfg, ctx)
+    run = _resolve(cfg, dict(resumed.meta.training["config"]) if resumed is not None else None)
+    check_global_batch(int(run["batch"]), ctx)
+    init_ckpt = None
+    if resumed is None and run["init"]:
+        # A foreign init's open choices (activation...) are measured, as for convert and eval.
+        init_ckpt = resolve_checkpoint(run["init"])[0]
+        _check_init(Path(run["init"]), init_ckpt, run)
+    return resumed, run, init_ckpt
+
+
+def _training_state(cfg: TrainConfig, run: dict[str, Any], ctx: DistContext, device: torch.device, resumed: Any, init_ckpt: Any,
+                    records: tuple[Sequence[Any], Sequence[Any]], layout: Any, description: str, provenance_in: dict[str, Any],
+                    emit: Callable[[TrainEvent], None]) -> tuple[_State, Any, Any, torch.Tensor | None]:
+    """Networks, optimizer, the cropped training set and its batch order, restored when resuming;
+    returns the state, the dataset, the batch sampler and the attribute class frequencies."""
+    from .data.augment import AugmentConfig
+    from .data.dataset import DatasetConfig, EpochBatches, FaceDataset
+
+    train_records, val_records = records
+    seed = int(run["seed"])
     model, aux, preprocess, provenance = _networks(run, layout, resumed, init_ckpt, train_records, cfg.resume,
-                                                   prepared.provenance if prepared else {})
+                                                   provenance_in)
     model.to(device).train()
     aux.to(device).train()
 
@@ -763,21 +805,15 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
     st.warmup = int(run["warmup_steps"]) if run["warmup_steps"] is not None else min(100, st.total_steps // 20)
     if resumed is not None:
         _restore(st, resumed, steps_per_epoch)
+    return st, ds, sampler, class_freq
 
-    # One loader for the run. A worker is a spawned process that lives for the whole run (forked
-    # workers hang in OpenCV once the parent has used its thread pool); it gets the dataset once,
-    # and the sampler's (epoch, index) keys tell it which augmentation to draw.
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, worker_init_fn=worker_init,
-                        pin_memory=device.type == "cuda",
-                        **({"multiprocessing_context": "spawn", "persistent_workers": True} if cfg.workers else {}))
-    loop = _Loop(nets=(wrap(model, ctx, device), wrap(aux, ctx, device)), loader=loader, sampler=sampler, step=step,
-                 device=device, class_freq=class_freq, ctx=ctx, emit=emit)
-    out = cfg.out
-    best_path, last_path, hist_path = out / "best.pth", out / "last.pth", out / "history.json"
-    if val_records and cfg.eval_initial and resumed is None:
-        emit(TrainEvent("setup", message=f"validating the initial network on {len(val_records)} faces"))
-        st.initial_val_nme = _validate(st, val_records, loop, last_path)
 
+def _run_epochs(st: _State, loop: _Loop, cfg: TrainConfig, val_records: Sequence[Any], paths: tuple[Path, Path, Path],
+                t0: float) -> None:
+    """Epochs from `st.epoch` to `cfg.epochs`: train, validate, keep the best, write last.pth and
+    the history after each; an interrupt leaves a resumable last.pth."""
+    ctx = loop.ctx
+    best_path, last_path, hist_path = paths
     best_loss = min(h["train_loss"] for h in st.history) if st.best_val_nme is None and st.history else math.inf
     try:
         for epoch in range(st.epoch, cfg.epochs):
@@ -806,7 +842,7 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
                 if improved:
                     _save(st, best_path, metrics)
                 _write_history(st, hist_path, time.perf_counter() - t0)
-            emit(TrainEvent("epoch", epoch=st.epoch, epochs=cfg.epochs, loss=rec["train_loss"], lr=rec["lr"], record=dict(rec)))
+            loop.emit(TrainEvent("epoch", epoch=st.epoch, epochs=cfg.epochs, loss=rec["train_loss"], lr=rec["lr"], record=dict(rec)))
     except KeyboardInterrupt:
         # Resumable: weights and optimizer as they are now; `epoch` counts only completed epochs,
         # so --resume redoes the interrupted one.
@@ -814,14 +850,6 @@ def _train(cfg: TrainConfig, progress: Progress | None, step: StepFn, ctx: DistC
             _save(st, last_path, {"epoch": st.epoch, "interrupted": True}, interrupted=True)
             _write_history(st, hist_path, time.perf_counter() - t0)
         raise
-    if ctx.is_main and not best_path.exists():  # e.g. a resumed run whose earlier best lives elsewhere
-        _save(st, best_path, {"epoch": st.epoch})
-    return TrainResult(
-        best_checkpoint=best_path, last_checkpoint=last_path, history_file=hist_path, history=st.history,
-        best_val_nme=st.best_val_nme, best_epoch=st.best_epoch, initial_val_nme=st.initial_val_nme,
-        wall_s=time.perf_counter() - t0, config=_plain(run), train_faces=len(train_records), val_faces=len(val_records),
-        device=str(device), processes=ctx.world_size,
-    )
 
 
 __all__ = [

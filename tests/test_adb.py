@@ -356,7 +356,7 @@ def test_cli_bench_arm_table_and_errors(fake: FakeAdb, files: tuple[Path, Path],
     assert r.exit_code == 2 and "no benchmark_model binary given" in r.output and "Traceback" not in r.output
 
     r = runner.invoke(main, ["bench-arm", str(model), "--benchmark-model", str(bm), "--threads", "1,x"])
-    assert r.exit_code == 2 and "--threads must be comma-separated integers" in r.output
+    assert r.exit_code == 2 and "--threads '1,x' is not comma-separated whole numbers" in r.output
 
     fake.set(devices=[])
     r = runner.invoke(main, ["bench-arm", str(model), "--benchmark-model", str(bm)])

@@ -145,7 +145,7 @@ def test_a_foreign_onnx_teacher_is_fed_as_its_flags_say(tmp_path: Path, cache: P
     def no_measuring(*_: object, **__: object) -> None:
         raise AssertionError("the flags say everything; nothing should be measured")
 
-    monkeypatch.setattr(pfld_export.stage0, "measure_onnx_preprocess", no_measuring)
+    monkeypatch.setattr(pfld_export.stage0, "measure_preprocess", no_measuring)
     from pfld_export.model import LandmarkModel
 
     loaded = load_checkpoint(_teacher(tmp_path / "t.pth", 98, cache))

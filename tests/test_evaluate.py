@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,12 @@ from pfld_export.checkpoint import CheckpointMeta, save_checkpoint
 from pfld_export.cli import main
 from pfld_export.data.records import FaceRecord, read_image
 from pfld_export.data.specs import load_spec
-from pfld_export.errors import DataError
-from pfld_export.evaluate import EvalConfig, evaluate, fidelity, parse_triple, with_overrides
+from pfld_export.errors import DataError, UsageError
+from pfld_export.evaluate import EvalConfig, evaluate, fidelity
+from pfld_export.options import parse_triple
 from pfld_export.layouts import WFLW98
 from pfld_export.model import ModelConfig, build_model
-from pfld_export.preprocess import Preprocess, crop_from_landmarks
+from pfld_export.preprocess import Preprocess, crop_from_landmarks, preprocess_overrides
 from pfld_export.runtime import open_predictor
 
 from .conftest import fixture_path
@@ -141,8 +143,11 @@ def test_fidelity(tiny_ckpt: Path) -> None:
 def test_preprocess_flags() -> None:
     assert parse_triple("0.5", "--mean") == (0.5, 0.5, 0.5)
     assert parse_triple(" 1, 2,3", "--std") == (1.0, 2.0, 3.0) and parse_triple(None, "--std") is None
-    pre = with_overrides(Preprocess(), color="rgb", std=(0.5, 0.5, 0.5))
+    pre = dataclasses.replace(Preprocess(), **preprocess_overrides(color="rgb", std=(0.5,)))
     assert pre.color == "RGB" and pre.std == (0.5, 0.5, 0.5) and pre.mean == (0.0, 0.0, 0.0)
+    assert preprocess_overrides() == {}
+    with pytest.raises(UsageError, match="--mean '0.5,0.5' is not one number or three"):
+        parse_triple("0.5,0.5", "--mean")
 
 
 def test_cli_acceptance_ghostone_on_wflw(tmp_path: Path) -> None:
@@ -171,7 +176,7 @@ def test_cli_with_our_checkpoint_on_synthetic(tiny_ckpt: Path, tmp_path: Path, m
 @pytest.mark.parametrize("args,code,match", [
     (["eval", "missing.onnx", "--data", "synthetic:2"], 2, "does not exist"),
     (["eval", "{ckpt}", "--data", "nope:x"], 4, "unknown dataset spec"),
-    (["eval", "{ckpt}", "--data", "synthetic:2", "--mean", "1,2"], 2, "--mean needs"),
+    (["eval", "{ckpt}", "--data", "synthetic:2", "--mean", "1,2"], 2, "--mean '1,2' is not one number or three"),
     (["eval", "{ckpt}", "--data", "synthetic:2", "--crop-scale", "0"], 2, "crop scale"),
 ])
 def test_cli_bad_input_is_one_line(args: list[str], code: int, match: str, tiny_ckpt: Path, tmp_path: Path,

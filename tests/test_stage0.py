@@ -90,3 +90,27 @@ def test_implausible_foreign_model_stops_with_likely_causes() -> None:
     assert not res.passed
     own = Stage0Result(choices={}, how={}, plausibility=res.plausibility, margins={}, faces=4, crops="", candidates=[], gated=False)
     require_plausible(own, "ours.pth")  # our own checkpoints are described by their metadata: informational only
+
+
+def test_a_foreign_checkpoint_opened_with_flags_goes_through_stage_0_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flags' preprocessing is what the open choices are measured under, in one stage 0; a
+    flag left out (here mean and std) is measured among the candidates agreeing with the others."""
+    import pfld_export.stage0 as stage0
+    from pfld_export.runtime import open_predictor
+
+    path = _bare(tmp_path)
+    calls: list[object] = []
+    measure = stage0.resolve
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("given"))
+        return measure(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stage0, "resolve", counted)
+    full = {"color": "RGB", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    pred = open_predictor(path, overrides=full)
+    assert calls == [full]
+    assert (pred.preprocess.color, pred.preprocess.mean, pred.preprocess.std) == ("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    calls.clear()
+    assert open_predictor(path, overrides={"color": "RGB"}).preprocess.color == "RGB" and len(calls) == 1

@@ -169,6 +169,25 @@ def _summary_fields(text: str) -> dict[str, float]:
     return {name.strip().lower(): float(v) for name, v in _SUMMARY_FIELD.findall(text)}
 
 
+@dataclass
+class _Scan:
+    """What one pass over the tool's lines collects before the output's fields are settled."""
+
+    stats: list[RunStats] = field(default_factory=list)
+    summary: dict[str, float] | None = None
+    summary_2018: bool = False
+    init_ms: float | None = None
+    mem: dict[str, float | str | None] = field(default_factory=dict)
+    xnn: list[int] = field(default_factory=lambda: [0, 0])
+    saw_replacing: bool = False
+    wrappers: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+    fatal: list[str] = field(default_factory=list)
+    delegate_failures: list[str] = field(default_factory=list)
+    unsupported_by: str | None = None
+    in_unsupported: bool = False
+
+
 def parse_benchmark_output(text: str) -> BenchmarkModelOutput:
     """Parse benchmark_model's stdout+stderr (any dialect) into a BenchmarkModelOutput.
 
@@ -177,120 +196,128 @@ def parse_benchmark_output(text: str) -> BenchmarkModelOutput:
     values win over the statistics lines where both exist, because old tools print the warm-up
     and first-run numbers only there.
     """
-    crlf = "\r\n" in text
     out = BenchmarkModelOutput(ok=False)
-    stats: list[RunStats] = []
-    summary: dict[str, float] | None = None
-    summary_2018 = False
-    init_ms: float | None = None
-    mem: dict[str, float | str | None] = {}
-    xnn = [0, 0]
-    saw_replacing = False
-    wrappers: set[str] = set()
-    errors: list[str] = []
-    fatal: list[str] = []
-    delegate_failures: list[str] = []
-    unsupported_by: str | None = None
-    in_unsupported = False
+    scan = _Scan()
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-
     for raw in lines:
-        line, level, wrapper = _strip(raw)
-        if wrapper:
-            wrappers.add(wrapper)
-        if not line:
-            in_unsupported = False
-            continue
-        # A list of unsupported ops follows its header until a line that is not an op entry.
-        if in_unsupported:
-            m = _UNSUPPORTED_OP.match(line)
-            if m and level is None:
-                out.unsupported_ops.append(m.group(1))
-                continue
-            in_unsupported = False
-        if level in ("ERROR", "FATAL"):
-            errors.append(line)
-        if _FATAL.search(line):
-            fatal.append(line)
-        if _FAILED_APPLY.search(line) or _NODE_FAILED.search(line):
-            delegate_failures.append(line.rstrip("."))
-        m = _UNSUPPORTED_HEADER.search(line)
-        if m:
-            unsupported_by, in_unsupported = m.group(1), True
-            continue
-        if summary is None and _STATS.match(line):
-            stats.append(_stats(line))
-            continue
-        m = _SUMMARY.match(line)
-        if m and summary is None:
-            summary = _summary_fields(m.group(1))
-            continue
-        m = _SUMMARY_2018.match(line)
-        if m and summary is None:
-            summary, summary_2018 = _summary_fields(m.group(1)), True
-            continue
-        if (m := _INIT_SESSION.match(line)) and init_ms is None:
-            init_ms = float(m.group(1))
-        elif m := _OLD_PEAK.match(line):
-            mem.update(init_mb=float(m.group(1)), overall_mb=float(m.group(2)), kind="peak")
-        elif m := _DELTA.match(line):
-            mem.update(init_mb=float(m.group(1)), overall_mb=float(m.group(2)), kind="delta")
-        elif m := _PERIODIC.match(line):
-            mem["periodic_peak_mb"] = float(m.group(1))
-        elif m := _NUM_THREADS.match(line):
-            out.num_threads = int(m.group(1))
-        elif m := _GRAPH.match(line):
-            out.graph = m.group(1)
-        elif m := _MODEL_SIZE.match(line):
-            out.model_size_mb = float(m.group(1))
-        elif _EMULATED.match(line):
-            out.emulated = True
-        if m := _REPLACING.search(line):
-            if "xnnpack" in m.group(3).lower():
-                saw_replacing = True
-                xnn[0] += int(m.group(1))
-                xnn[1] += int(m.group(2))
-        if _XNNPACK_CREATED.search(line):
-            out.xnnpack_created = True
-        if out.tool_version is None and (m := _VERSION.search(line)):
-            out.tool_version = m.group(1)
+        _scan_line(scan, out, raw)
+    _settle_dialect(out, scan, crlf="\r\n" in text)
+    _settle_timings(out, scan)
+    _settle_verdict(out, scan, lines)
+    return out
 
-    # Dialect: the wrapper the tool's lines came in; the 2018 format names itself.
-    if summary_2018:
+
+def _scan_line(scan: _Scan, out: BenchmarkModelOutput, raw: str) -> None:
+    """One line: errors, unsupported-op lists, statistics and the summary here; facts in `_scan_facts`."""
+    line, level, wrapper = _strip(raw)
+    if wrapper:
+        scan.wrappers.add(wrapper)
+    if not line:
+        scan.in_unsupported = False
+        return
+    # A list of unsupported ops follows its header until a line that is not an op entry.
+    if scan.in_unsupported:
+        m = _UNSUPPORTED_OP.match(line)
+        if m and level is None:
+            out.unsupported_ops.append(m.group(1))
+            return
+        scan.in_unsupported = False
+    if level in ("ERROR", "FATAL"):
+        scan.errors.append(line)
+    if _FATAL.search(line):
+        scan.fatal.append(line)
+    if _FAILED_APPLY.search(line) or _NODE_FAILED.search(line):
+        scan.delegate_failures.append(line.rstrip("."))
+    m = _UNSUPPORTED_HEADER.search(line)
+    if m:
+        scan.unsupported_by, scan.in_unsupported = m.group(1), True
+        return
+    if scan.summary is None and _STATS.match(line):
+        scan.stats.append(_stats(line))
+        return
+    m = _SUMMARY.match(line)
+    if m and scan.summary is None:
+        scan.summary = _summary_fields(m.group(1))
+        return
+    m = _SUMMARY_2018.match(line)
+    if m and scan.summary is None:
+        scan.summary, scan.summary_2018 = _summary_fields(m.group(1)), True
+        return
+    _scan_facts(scan, out, line)
+
+
+def _scan_facts(scan: _Scan, out: BenchmarkModelOutput, line: str) -> None:
+    """Init time, memory, threads, graph, size, emulation, XNNPACK and the tool's version."""
+    if (m := _INIT_SESSION.match(line)) and scan.init_ms is None:
+        scan.init_ms = float(m.group(1))
+    elif m := _OLD_PEAK.match(line):
+        scan.mem.update(init_mb=float(m.group(1)), overall_mb=float(m.group(2)), kind="peak")
+    elif m := _DELTA.match(line):
+        scan.mem.update(init_mb=float(m.group(1)), overall_mb=float(m.group(2)), kind="delta")
+    elif m := _PERIODIC.match(line):
+        scan.mem["periodic_peak_mb"] = float(m.group(1))
+    elif m := _NUM_THREADS.match(line):
+        out.num_threads = int(m.group(1))
+    elif m := _GRAPH.match(line):
+        out.graph = m.group(1)
+    elif m := _MODEL_SIZE.match(line):
+        out.model_size_mb = float(m.group(1))
+    elif _EMULATED.match(line):
+        out.emulated = True
+    if m := _REPLACING.search(line):
+        if "xnnpack" in m.group(3).lower():
+            scan.saw_replacing = True
+            scan.xnn[0] += int(m.group(1))
+            scan.xnn[1] += int(m.group(2))
+    if _XNNPACK_CREATED.search(line):
+        out.xnnpack_created = True
+    if out.tool_version is None and (m := _VERSION.search(line)):
+        out.tool_version = m.group(1)
+
+
+def _settle_dialect(out: BenchmarkModelOutput, scan: _Scan, crlf: bool) -> None:
+    """Dialect (the wrapper the tool's lines came in; the 2018 format names itself), XNNPACK nodes, memory."""
+    if scan.summary_2018:
         out.dialect = "2018"
-    elif "logcat" in wrappers:
+    elif "logcat" in scan.wrappers:
         out.dialect = "logcat"
-    elif "info" in wrappers:
+    elif "info" in scan.wrappers:
         out.dialect = "info"
     if crlf:
         out.dialect += "+crlf"
-    if saw_replacing:
-        out.xnnpack_nodes = (xnn[0], xnn[1])
-    if mem:
-        out.memory = MemoryFootprint(**mem)  # type: ignore[arg-type]
+    if scan.saw_replacing:
+        out.xnnpack_nodes = (scan.xnn[0], scan.xnn[1])
+    if scan.mem:
+        out.memory = MemoryFootprint(**scan.mem)  # type: ignore[arg-type]
 
-    if stats:
-        out.run = stats[-1]
-        out.warmup = stats[-2] if len(stats) >= 2 else None
+
+def _settle_timings(out: BenchmarkModelOutput, scan: _Scan) -> None:
+    """Run and warm-up statistics from the last two `count=` lines; summary values win."""
+    if scan.stats:
+        out.run = scan.stats[-1]
+        out.warmup = scan.stats[-2] if len(scan.stats) >= 2 else None
         out.count, out.std_us = out.run.count, out.run.std_us
         out.min_us, out.max_us = out.run.min_us, out.run.max_us
         out.percentiles = dict(out.run.percentiles)
         out.inference_avg_us = out.run.avg_us
         if out.warmup is not None:
             out.warmup_avg_us = out.warmup.avg_us if out.warmup.avg_us is not None else out.warmup.curr_us
-    if init_ms is not None:
-        out.init_us = init_ms * 1000.0
-    if summary is not None:
-        s = summary
+    if scan.init_ms is not None:
+        out.init_us = scan.init_ms * 1000.0
+    if scan.summary is not None:
+        s = scan.summary
         out.init_us = s.get("init", out.init_us)
         out.first_us = s.get("first inference", out.first_us)
         out.warmup_avg_us = s.get("warmup (avg)", s.get("warmup", out.warmup_avg_us))
         out.inference_avg_us = s.get("inference (avg)", s.get("no stats", out.inference_avg_us))
 
-    failed = [ln for ln in fatal if "benchmarking failed" in ln.lower()] or fatal
-    if failed or (errors and out.inference_avg_us is None):
+
+def _settle_verdict(out: BenchmarkModelOutput, scan: _Scan, lines: list[str]) -> None:
+    """ok, or why not with the lines that show it."""
+    failed = [ln for ln in scan.fatal if "benchmarking failed" in ln.lower()] or scan.fatal
+    if failed or (scan.errors and out.inference_avg_us is None):
         out.ok = False
-        out.failure_reason = _failure_reason(out, errors, fatal, delegate_failures, unsupported_by)
+        out.failure_reason = _failure_reason(out, scan.errors, scan.fatal, scan.delegate_failures, scan.unsupported_by)
         out.raw_lines = _evidence(lines)
     elif out.inference_avg_us is None:
         out.ok = False
@@ -301,7 +328,6 @@ def parse_benchmark_output(text: str) -> BenchmarkModelOutput:
         out.raw_lines = [ln for ln in lines if ln.strip()][-20:]
     else:
         out.ok = True
-    return out
 
 
 def _failure_reason(

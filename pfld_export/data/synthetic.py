@@ -221,7 +221,18 @@ _TIP_ABOVE_SUBNASALE = 1.1
 
 
 def _build_face(idn: _Identity, ex: _Expression, yaw: float, hair_top: float) -> _Face3D:
+    """The 98 landmarks and the drawn-only geometry of one face in model space (no randomness)."""
     p = np.zeros((NUM_POINTS, 3))
+    a_top, y_top = _contour_points(p, idn, ex, yaw)
+    _brow_points(p, idn, ex)
+    irises, lid_creases = _eye_points(p, idn, ex)
+    nw, nostrils, alae, bridge_sides = _nose_points(p, idn, ex)
+    mw = _mouth_points(p, idn, ex)
+    return _head_geometry(p, idn, yaw, hair_top, a_top, y_top, nw, mw, irises, lid_creases, nostrils, alae, bridge_sides)
+
+
+def _contour_points(p: np.ndarray, idn: _Identity, ex: _Expression, yaw: float) -> tuple[float, float]:
+    """Points 0..32 into `p`; returns the outline's half-width and top (the head is drawn from them)."""
     W, H = idn.width, idn.height
     jaw_drop = 1.1 * ex.mouth_open
 
@@ -233,7 +244,10 @@ def _build_face(idn: _Identity, ex: _Expression, yaw: float, hair_top: float) ->
     z_front = -6.6 + (-4.07 + 6.6) * t**1.5  # face front depth at each contour level
     p[0:33] = _silhouette(outline[:, 0], outline[:, 1], z_front, yaw)
     p[16] = (0.0, y_chin, -4.07)
+    return a_top, y_top
 
+
+def _brow_points(p: np.ndarray, idn: _Identity, ex: _Expression) -> None:
     # --- brows 33..50 (right: 33 outer, 34-37 upper edge outwards->in, 38-41 lower edge in->out;
     # left mirrors: 42 inner upper, 43-45 upper, 46 outer, 47-50 lower edge out->in).
     raise_in = 0.75 * ex.brow if ex.brow > 0 else 0.45 * ex.brow
@@ -248,6 +262,9 @@ def _build_face(idn: _Identity, ex: _Expression, yaw: float, hair_top: float) ->
             p[upper_ids[j]] = base + np.array([0.0, -th_in * (1 - tt) ** 0.55, 0.0])
         p[outer] = b_out
 
+
+def _eye_points(p: np.ndarray, idn: _Identity, ex: _Expression) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Points 60..75 and the pupils 96/97 into `p`; returns the iris outlines and lid creases."""
     # --- eyes: right 60 outer, 61-63 upper lid outer->inner, 64 inner, 65-67 lower lid inner->outer;
     # left 68 inner, 69-71 upper inner->outer, 72 outer, 73-75 lower outer->inner. 96/97 pupils.
     openness = idn.eye_open * ex.eye_open * (1.0 + 0.15 * max(ex.brow, 0.0))
@@ -279,7 +296,11 @@ def _build_face(idn: _Identity, ex: _Expression, yaw: float, hair_top: float) ->
         crease = [outer + tt * (inner - outer) + np.array([0.0, -(up_h + 0.32) * math.sin(math.pi * tt**0.9) - 0.1, -0.3 * math.sin(math.pi * tt)])
                   for tt in np.linspace(0.05, 0.9, 7)]
         lid_creases.append(np.array(crease))
+    return irises, lid_creases
 
+
+def _nose_points(p: np.ndarray, idn: _Identity, ex: _Expression) -> tuple[float, tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Points 51..59 into `p`; returns the nose width factor, nostrils, alar creases and bridge sides."""
     # --- nose: 51-54 bridge top->tip, 55-59 base from subject's right alar to left alar.
     ax, ay, az = _ALA
     sub_y = ay + _SUBNASALE_DROP * idn.nose_len
@@ -307,7 +328,11 @@ def _build_face(idn: _Identity, ex: _Expression, yaw: float, hair_top: float) ->
     bridge_sides = tuple(
         np.array([[sgn * 0.95, -5.3, -5.6], [sgn * 1.0, -4.2, -6.3], [sgn * 1.15, -3.1, -6.7], [sgn * 1.6, -2.2, -6.5]]) for sgn in (-1, 1)
     )
+    return nw, nostrils, alae, bridge_sides
 
+
+def _mouth_points(p: np.ndarray, idn: _Identity, ex: _Expression) -> float:
+    """Points 76..95 into `p`; returns the mouth half-width."""
     # --- mouth: 76 right corner, 77-81 upper outer, 82 left corner, 83-87 lower outer (left->right);
     # 88 right inner corner, 89-91 upper inner, 92 left inner corner, 93-95 lower inner (left->right).
     mw = 2.774 * idn.mouth_width * (1.0 + 0.12 * max(ex.smile, 0.0) - 0.08 * ex.mouth_open)
@@ -341,7 +366,14 @@ def _build_face(idn: _Identity, ex: _Expression, yaw: float, hair_top: float) ->
     for i, fx in zip((93, 94, 95), (0.5, 0.0, -0.5)):
         x = fx * 0.9 * mw
         p[i] = (x, lip_line(x) + 0.8 * gap * q(x) - 0.02, lip_z(x) + 0.2)
+    return mw
 
+
+def _head_geometry(p: np.ndarray, idn: _Identity, yaw: float, hair_top: float, a_top: float, y_top: float, nw: float, mw: float,
+                   irises: list[np.ndarray], lid_creases: list[np.ndarray], nostrils: tuple[np.ndarray, ...],
+                   alae: tuple[np.ndarray, ...], bridge_sides: tuple[np.ndarray, ...]) -> _Face3D:
+    """Head outline, hairline, ears, neck, shoulders, folds, glasses and beard around the landmarks `p`."""
+    W, H = idn.width, idn.height
     # --- non-landmark geometry for rendering
     hx = np.linspace(-1, 1, 25)
     ang = hx * math.pi / 2
@@ -622,6 +654,43 @@ def render_face(
     rot = rotation_matrix(yaw, pitch, roll)
     t = _place(rng, cfg, face, rot, size)
 
+    P, P_fill = _projections(rot, t, size)
+    pts = P(face.points)
+    u = size / t[2]  # pixels per model unit at the face
+    fw = float(np.ptp(pts[:, 0]))
+    attrs = [0, 0, 0, 0, 0, 0]
+    attrs[0] = int(abs(yaw) > 28 or abs(pitch) > 20 or abs(roll) > 30)
+    attrs[1] = int(ex.mouth_open > 0.35 or abs(ex.smile) > 0.6 or abs(ex.brow) > 0.6 or ex.eye_open < 0.5)
+
+    skin, hair, makeup, lip, iris_col = _colours(rng, cfg)
+    attrs[3] = int(makeup)
+    img = _background(rng, size)
+    head2 = P(face.head)
+    contour = pts[0:33]
+    _draw_behind(rng, img, face, P, P_fill, skin, hair)
+    lx = _draw_skin(rng, img, pts, contour, head2, skin, fw, size)
+    _draw_beard(rng, img, face, P, hair, u)
+    _draw_hair(rng, img, face, P, head2, hair, size)
+    _draw_shading(img, face, P, pts, ex, skin, lx, u)
+    _draw_brows(rng, img, pts, skin, hair)
+    _draw_eyes(rng, img, face, P, pts, skin, iris_col, makeup, u)
+    _draw_mouth(img, pts, ex, lip, u)
+    occluded = _draw_glasses(rng, img, face, P, u, cfg)
+    if rng.random() < cfg.occlusion_prob:
+        occluded = True
+        _occluder(rng, img, pts, contour, P, skin, hair, fw)
+    attrs[4] = int(occluded)
+
+    img, attrs[2], attrs[5] = _camera(rng, img, cfg)
+    return img, pts, (yaw, pitch, roll), (attrs[0], attrs[1], attrs[2], attrs[3], attrs[4], attrs[5])
+
+
+Projection = Callable[[np.ndarray], np.ndarray]
+
+
+def _projections(rot: np.ndarray, t: np.ndarray, size: int) -> tuple[Projection, Projection]:
+    """Model points -> image pixels, and the same for silhouettes that may reach behind the camera."""
+
     def P(x: np.ndarray) -> np.ndarray:
         return project(np.asarray(x, np.float64).reshape(-1, 3), rot, t, (size, size))
 
@@ -633,28 +702,25 @@ def render_face(
         """
         return P(_clip_near(np.asarray(x, np.float64).reshape(-1, 3), rot, t))
 
-    pts = P(face.points)
-    u = size / t[2]  # pixels per model unit at the face
-    fw = float(np.ptp(pts[:, 0]))
-    attrs = [0, 0, 0, 0, 0, 0]
-    attrs[0] = int(abs(yaw) > 28 or abs(pitch) > 20 or abs(roll) > 30)
-    attrs[1] = int(ex.mouth_open > 0.35 or abs(ex.smile) > 0.6 or abs(ex.brow) > 0.6 or ex.eye_open < 0.5)
+    return P, P_fill
 
-    # ---- colours
+
+def _colours(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, tuple[float, float, float], bool,
+                                                                       tuple[float, float, float], tuple[float, float, float]]:
+    """Skin, hair, makeup or not, lip and iris colours."""
     skin = np.array(_jitter_color(rng, _pick(rng, _SKIN), 0.05))
     hair = _jitter_color(rng, _pick(rng, _HAIR), 0.1)
     makeup = bool(rng.random() < cfg.makeup_prob)
-    attrs[3] = int(makeup)
     lip = _c(skin * np.array([0.8, 0.74, 1.0]), float(rng.uniform(0.78, 0.98)))
     if makeup:
         lip = _c(rng.choice(np.array([(40, 30, 170), (90, 40, 150), (60, 60, 200), (50, 20, 110), (120, 80, 200)], np.float64)))
     iris_col = _jitter_color(rng, _pick(rng, _IRIS), 0.12)
+    return skin, hair, makeup, lip, iris_col
 
-    img = _background(rng, size)
 
-    # ---- behind the face: long hair, shoulders, neck, ears
-    head2 = P(face.head)
-    contour = pts[0:33]
+def _draw_behind(rng: np.random.Generator, img: np.ndarray, face: _Face3D, P: Projection, P_fill: Projection,
+                 skin: np.ndarray, hair: tuple[float, float, float]) -> None:
+    """Behind the face: long hair, shoulders, neck, ears."""
     if rng.random() < 0.35:  # long hair falls behind the neck
         drop = float(rng.uniform(4, 14))
         back = np.concatenate([face.head, np.array([[face.head[-1, 0] - 1.5, drop, 2.0], [face.head[0, 0] + 1.5, drop, 2.0]])])
@@ -666,6 +732,10 @@ def render_face(
         _fill(img, ear, _c(skin, 0.88))
         _line(img, ear, _c(skin, 0.62), 1, True)
 
+
+def _draw_skin(rng: np.random.Generator, img: np.ndarray, pts: np.ndarray, contour: np.ndarray, head2: np.ndarray,
+               skin: np.ndarray, fw: float, size: int) -> float:
+    """The skin, shaded; returns the side light's horizontal direction (cosine of its angle)."""
     # ---- skin: one outline through the 33 contour points and over the forehead
     outline = np.concatenate([_spline(contour, False, 5), _spline(head2, False, 3)[1:-1]])
     box = _box(outline, 2, size)
@@ -685,7 +755,11 @@ def render_face(
         mult = 1.0 + (m.astype(np.float32) / 255.0) * (shade - 1.0)
         roi = img[y0:y1, x0:x1]
         roi[:] = np.clip(roi.astype(np.float32) * mult[..., None] + 0.5, 0, 255).astype(np.uint8)
+    return lx
 
+
+def _draw_beard(rng: np.random.Generator, img: np.ndarray, face: _Face3D, P: Projection, hair: tuple[float, float, float],
+                u: float) -> None:
     # ---- beard / stubble (texture only, under the features)
     if rng.random() < 0.15:
         beard = _spline(P(face.beard), True, 3)
@@ -698,6 +772,9 @@ def render_face(
 
         _masked_layer(img, beard, 2, stubble, soft=max(1.0, 0.4 * u))
 
+
+def _draw_hair(rng: np.random.Generator, img: np.ndarray, face: _Face3D, P: Projection, head2: np.ndarray,
+               hair: tuple[float, float, float], size: int) -> None:
     # ---- hair over the forehead: hairline (right -> left) then the head outline back over the top
     if rng.random() < 0.9:
         hair_poly = np.concatenate([_spline(P(face.hairline), False, 3), _spline(head2, False, 3)])
@@ -707,6 +784,9 @@ def render_face(
                 a = hair_poly[rng.integers(0, len(hair_poly))]
                 _line(img, np.stack([a, a + rng.normal(0, 0.03 * size, 2)]), _c(hair, float(rng.uniform(0.7, 1.3))), 1)
 
+
+def _draw_shading(img: np.ndarray, face: _Face3D, P: Projection, pts: np.ndarray, ex: _Expression, skin: np.ndarray,
+                  lx: float, u: float) -> None:
     # ---- smile folds, nose shading
     if ex.smile > 0.3:
         for f in face.folds:
@@ -722,6 +802,9 @@ def render_face(
     for n in face.nostrils:
         _fill(img, P(n), _c(skin, 0.3))
 
+
+def _draw_brows(rng: np.random.Generator, img: np.ndarray, pts: np.ndarray, skin: np.ndarray,
+                hair: tuple[float, float, float]) -> None:
     # ---- brows
     brow_col = _c(hair, float(rng.uniform(0.6, 1.0))) if rng.random() < 0.8 else _c(skin, 0.45)
     for ids in (list(range(33, 42)), list(range(42, 51))):
@@ -729,6 +812,9 @@ def render_face(
         _fill(img, brow, brow_col)
         _line(img, brow, _c(brow_col, 1.0, 0.15 * (skin.mean() - np.mean(brow_col))), 1, True)
 
+
+def _draw_eyes(rng: np.random.Generator, img: np.ndarray, face: _Face3D, P: Projection, pts: np.ndarray, skin: np.ndarray,
+               iris_col: tuple[float, float, float], makeup: bool, u: float) -> None:
     # ---- eyes: sclera, iris and pupil clipped to the lids, lashes, crease
     if makeup and rng.random() < 0.7:
         shadow_col = _c(rng.uniform(30, 200, 3))
@@ -764,6 +850,8 @@ def render_face(
         _line(img, _spline(upper, False, 5), (5, 5, 5) if makeup else (20, 20, 25), max(1, round(0.16 * u * (1.6 if makeup else 1))))
         _line(img, _spline(lower, False, 5), _c(skin, 0.55), 1)
 
+
+def _draw_mouth(img: np.ndarray, pts: np.ndarray, ex: _Expression, lip: tuple[float, float, float], u: float) -> None:
     # ---- mouth: cavity and teeth when open, then both lips through the 20 lip points
     if ex.mouth_open > 0.04:
         inner = _spline(pts[88:96], True, 5)
@@ -786,8 +874,11 @@ def render_face(
         _line(img, _spline(pts[[76, 88, 95, 94, 93, 92, 82]], False, 5), _c(lip, 0.55), 1)
     _line(img, _spline(pts[list(range(76, 88)) + [76]], False, 5), _c(lip, 0.8), 1)
 
+
+def _draw_glasses(rng: np.random.Generator, img: np.ndarray, face: _Face3D, P: Projection, u: float,
+                  cfg: SyntheticConfig) -> bool:
+    """Glasses, maybe; True when they are sunglasses (the eyes are occluded)."""
     # ---- glasses
-    occluded = False
     if rng.random() < cfg.glasses_prob:
         frame = _c(rng.uniform(0, 120, 3))
         sun = bool(rng.random() < 0.3)
@@ -798,16 +889,8 @@ def render_face(
                 _fill(img, ln, _c(rng.uniform(5, 50, 3)))
             _line(img, ln, frame, th, True)
         _line(img, np.stack([lenses[0][0], lenses[1][12]]), frame, th)
-        occluded |= sun
-
-    # ---- occluders
-    if rng.random() < cfg.occlusion_prob:
-        occluded = True
-        _occluder(rng, img, pts, contour, P, skin, hair, fw)
-    attrs[4] = int(occluded)
-
-    img, attrs[2], attrs[5] = _camera(rng, img, cfg)
-    return img, pts, (yaw, pitch, roll), (attrs[0], attrs[1], attrs[2], attrs[3], attrs[4], attrs[5])
+        return sun
+    return False
 
 
 def _occluder(rng: np.random.Generator, img: np.ndarray, pts: np.ndarray, contour: np.ndarray,

@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import BudgetError, OutputError, UsageError
 from ..io import atomic_write_json, locked_dir
 from ..layouts import get_layout
-from ..preprocess import Preprocess
+from ..preprocess import Preprocess, preprocess_overrides
 from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, sidecar_path, ONNX_META_MODEL, ONNX_META_PREPROCESS
 from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation, is_synthetic
 from .formats import FORMATS, INT8_PRESET, parse_size, select_formats
@@ -341,24 +341,17 @@ def load_source(cfg: ConvertConfig) -> Source:
     path = Path(cfg.model)
     if not path.is_file():
         raise UsageError(f"model {path} does not exist; pass a checkpoint (.pth/.pth.tar) or an .onnx file")
-    override = {k: v for k, v in (("color", cfg.color), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
+    override = preprocess_overrides(cfg.color, cfg.mean, cfg.std)
     if path.suffix.lower() == ".onnx":
         meta = onnx_metadata(path)
         model = _json_or_none(meta.get(ONNX_META_MODEL))
         _check_width(cfg.width, model["width"] if model else None, path)
-        base = Preprocess.from_dict(_json_or_none(meta.get(ONNX_META_PREPROCESS)) or {})
-        if ONNX_META_PREPROCESS not in meta and not {"color", "mean", "std"} <= set(override):
-            # Nothing says how a foreign ONNX was fed: what the flags leave out is measured on
-            # face crops, never defaulted (a lone --color RGB used to bake in mean 0 / std 1).
-            from ..stage0 import measure_onnx_preprocess
-
-            base = measure_onnx_preprocess(path, override)[0]
-        ref = open_predictor(path, preprocess=dataclasses.replace(base, **override))
+        # Nothing may say how a foreign ONNX was fed: what the flags leave out is measured on
+        # face crops when it is opened, never defaulted.
+        ref = open_predictor(path, overrides=override)
         if ONNX_META_PREPROCESS not in meta:  # a foreign model's layout follows from its point count
-            base = dataclasses.replace(base, layout=get_layout(ref.num_points).name)
-        pre = dataclasses.replace(base, **override)
-        ref.preprocess = pre
-        return Source(kind="onnx", path=path, preprocess=pre, reference=ref, model=model)
+            ref.preprocess = dataclasses.replace(ref.preprocess, layout=get_layout(ref.num_points).name)
+        return Source(kind="onnx", path=path, preprocess=ref.preprocess, reference=ref, model=model)
     if cfg.model_class is not None:
         return _user_source(cfg, path, override)
     from ..checkpoint import load_checkpoint
@@ -378,6 +371,7 @@ def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
     from .. import stage0
 
     what = "synthetic faces" if is_synthetic(cfg.calib or "synthetic") else "calibration faces"
+    override = preprocess_overrides(cfg.color, cfg.mean, cfg.std)
     if src.kind != "checkpoint":
         if cfg.reference_onnx is not None or cfg.activation is not None or cfg.bn8 is not None:
             raise UsageError("--reference-onnx / --activation / --bn8 describe a PyTorch checkpoint; an ONNX source already is its graph")
@@ -385,13 +379,12 @@ def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
         crops = calib.crops[: stage0.MAX_FACES]
         foreign = src.model is None
         result = stage0.Stage0Result(
-            choices={}, how={"preprocess": "flags" if foreign and _pre_override(cfg) else ("measured" if foreign else "metadata")},
+            choices={}, how={"preprocess": "flags" if foreign and override else ("measured" if foreign else "metadata")},
             plausibility=stage0.plausibility(src.reference.predict(crops), src.preprocess.input_size), margins={},
             faces=len(crops), crops=what, candidates=[], gated=foreign)
         stage0.require_plausible(result, src.path.name)
         return result
     flags = {k: v for k, v in (("activation", cfg.activation), ("head_bn", cfg.bn8)) if v is not None}
-    override = _pre_override(cfg)
     explicit = dataclasses.replace(src.preprocess, **override) if override else None
     if cfg.model_class is not None:
         if flags:
@@ -407,10 +400,6 @@ def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
     src.reference = TorchPredictor(path=src.path, preprocess=src.preprocess, module=loaded.inference_model(),
                                    num_points=loaded.num_points, name=src.path.name)
     return result
-
-
-def _pre_override(cfg: ConvertConfig) -> dict[str, Any]:
-    return {k: v for k, v in (("color", cfg.color), ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
 
 
 def _user_source(cfg: ConvertConfig, path: Path, override: dict[str, Any]) -> Source:
