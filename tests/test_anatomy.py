@@ -205,3 +205,25 @@ def test_int8_noise_follows_relu6_and_a_relu6_network_trains_with_it(monkeypatch
     plain.load_state_dict(student.state_dict())
     with torch.no_grad():
         assert torch.equal(student(x)[1], plain.eval()(x)[1])  # the hooks are gone with their handles
+
+
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=list(VARIANTS))
+def test_int8_noise_draws_once_per_requantized_tensor_on_every_variant(kw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fused conv output (the stem's and conv8's shared activation once per call), every
+    residual ADD, the concatenated head and the landmarks: one draw each, in training only."""
+    from pfld_export.qat import add_int8_noise
+
+    net = _net(5, **kw)
+    units = list(conv_units(net))
+    expected = len(units) - 1 + sum(u.residual for u in units) + 2  # all but the FC, ADDs, concat, landmarks
+    size = net.config.input_size
+    x = torch.rand(2, 3, size, size)
+    noisy = copy.deepcopy(net)
+    add_int8_noise(noisy, 8.0)
+    draws: list[torch.Size] = []
+    real_rand_like = torch.rand_like
+    monkeypatch.setattr(torch, "rand_like", lambda t: draws.append(t.shape) or real_rand_like(t))
+    with torch.no_grad():
+        assert torch.equal(noisy.eval()(x)[1], net(x)[1]) and not draws
+        assert not torch.equal(noisy.train()(x)[1], copy.deepcopy(net).train()(x)[1])
+    assert len(draws) == expected == 54
