@@ -313,7 +313,7 @@ class ConvUnit:
     head_input: str | None = None
 
 
-def conv_units(pfld: PFLD, what: str = "PFLD's layer walk") -> Iterator[ConvUnit]:
+def conv_units(pfld: PFLD, what: str = "PFLD's int8 tooling") -> Iterator[ConvUnit]:
     """Every (conv, BN, activation) unit of `pfld` in forward order, for every variant
     `ModelConfig` describes. A block that is not an `InvertedResidual` is refused (naming `what`
     needs it) before anything is yielded."""

@@ -257,7 +257,7 @@ def equalize(model: LandmarkModel | PFLD, inputs: np.ndarray | torch.Tensor, cfg
     if clipped:
         raise UsageError(f"cross-layer equalisation moves channel scales through each activation, and ReLU6's clip at 6 "
                          f"does not commute with them ({clipped[0]} and {len(clipped) - 1} more clip); "
-                         "use bias correction alone or the generic int8 methods (--int8-method plain,mixed)")
+                         "use the generic int8 methods (--int8-method plain,mixed); equalize+bias corrects biases alone here")
     x = torch.as_tensor(np.asarray(inputs, np.float32))
     if x.dim() != 4 or x.shape[1] != 3:
         raise UsageError(f"equalize needs float NCHW inputs [N, 3, H, W], got shape {tuple(x.shape)}")
