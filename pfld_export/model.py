@@ -19,7 +19,7 @@ them (`checkpoint.infer_config`); what they cannot show is measured (`stage0`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from .errors import UsageError
 
 Conv2Kind = Literal["full", "depthwise"]
 Activation = Literal["relu", "relu6"]
+UnitActivation = Literal["none", "relu", "relu6"]  # what follows a conv (+ BN) in `ConvUnit`
 HeadKind = Literal["pool", "flatten"]
 WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 INPUT_SIZE = 112
@@ -188,6 +189,14 @@ def conv_bn(inp: int, oup: int, kernel: int, stride: int, padding: int = 1, act:
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection (+ identity)."""
 
+    # The named parts of `conv` (its keys stay `conv.N`, as in PFLD-pytorch): indices of the
+    # conv, its BN and its activation, in forward order; the projection is linear.
+    PARTS: tuple[tuple[str, int, int, int | None], ...] = (
+        ("expand", 0, 1, 2),
+        ("depthwise", 3, 4, 5),
+        ("project", 6, 7, None),
+    )
+
     def __init__(self, inp: int, oup: int, stride: int, use_res_connect: bool, expand_ratio: int,
                  act: str = "relu", bias: bool = False) -> None:
         super().__init__()
@@ -203,6 +212,11 @@ class InvertedResidual(nn.Module):
             nn.Conv2d(hidden, oup, 1, 1, 0, bias=bias),
             nn.BatchNorm2d(oup),
         )
+
+    def parts(self) -> Iterator[tuple[str, nn.Conv2d, nn.BatchNorm2d, nn.Module | None]]:
+        """(part name, conv, BN, activation module or None) in forward order."""
+        for part, c, b, a in self.PARTS:
+            yield part, self.conv[c], self.conv[b], None if a is None else self.conv[a]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
@@ -271,6 +285,79 @@ class PFLD(nn.Module):
             x = self.bn8(x)
         s3 = self.relu(x).flatten(1)
         return tap, self.fc(torch.cat([s1, s2, s3], 1))
+
+
+HEAD_INPUTS: tuple[str, ...] = ("s1", "s2", "s3")  # the FC's concatenated input, in order
+
+
+@dataclass(frozen=True)
+class ConvUnit:
+    """One conv (or the FC) with the BN and activation that follow it: one fused op in the
+    converted model, and the unit every int8 tool (equalisation, bias correction, the QAT
+    simulator, the noise hooks, sensitivity labels) walks PFLD by."""
+
+    label: str  # the name int8 reports, QAT sites and sensitivity tables use: conv1, conv3_1.expand, conv7, fc
+    path: str  # the conv's PyTorch module path; its state-dict keys start with it: conv3_1.conv.0
+    conv: nn.Module  # nn.Conv2d, or nn.Linear for the FC
+    bn: nn.BatchNorm2d | None  # applied right after the conv; None for the FC and for conv8 unless head_bn
+    activation: UnitActivation
+    act: nn.Module | None  # the module applying `activation` (the stem convs and conv8 share PFLD's one `relu`)
+    block: str  # "stem", the inverted-residual block's attribute name, or "head"
+    part: str  # conv1, conv2 | expand, depthwise, project (`InvertedResidual.PARTS`) | conv7, conv8, fc
+    residual: bool = False  # a projection whose block adds the block's input to it (the residual ADD)
+    # The next unit is the only reader of this unit's output, so a positive per-channel scale on
+    # that output can be undone in the next unit's input channels.
+    feeds_next: bool = False
+    # Which part of the FC's concatenated input (`HEAD_INPUTS`) this output becomes, pooled (s1,
+    # s2: the next conv reads the tensor too) or flattened as it is (s3: only the FC reads it).
+    head_input: str | None = None
+
+
+def conv_units(pfld: PFLD, what: str = "PFLD's int8 tooling") -> Iterator[ConvUnit]:
+    """Every (conv, BN, activation) unit of `pfld` in forward order, for every variant
+    `ModelConfig` describes. A block that is not an `InvertedResidual` is refused (naming `what`
+    needs it) before anything is yielded."""
+    blocks = [(name, getattr(pfld, name)) for name in pfld._blocks]
+    for name, block in blocks:
+        if not isinstance(block, InvertedResidual):
+            raise UsageError(f"{what} knows PFLD's inverted-residual blocks; {name} is a {type(block).__name__}")
+    paths = {id(m): n for n, m in pfld.named_modules()}
+    act = pfld.config.activation
+
+    def unit(label: str, conv: nn.Module, bn: nn.BatchNorm2d | None, activation: UnitActivation,
+             act_module: nn.Module | None, block: str, part: str, **kw: object) -> ConvUnit:
+        return ConvUnit(label, paths[id(conv)], conv, bn, activation, act_module, block, part, **kw)  # type: ignore[arg-type]
+
+    # Whether a block's output has a second reader: an identity block reads its input twice (its
+    # expand conv and its ADD), and the last block's output is also pooled into S1.
+    output_shared = [b.use_res_connect for _, b in blocks[1:]] + [True]
+    yield unit("conv1", pfld.conv1, pfld.bn1, act, pfld.relu, "stem", "conv1", feeds_next=True)
+    yield unit("conv2", pfld.conv2, pfld.bn2, act, pfld.relu, "stem", "conv2",
+               feeds_next=not (blocks and blocks[0][1].use_res_connect))
+    for (name, block), shared in zip(blocks, output_shared):
+        for part, conv, bn, act_module in block.parts():
+            if act_module is not None:  # expand, depthwise: each read by the next part alone
+                yield unit(f"{name}.{part}", conv, bn, act, act_module, name, part, feeds_next=True)
+            else:
+                yield unit(f"{name}.{part}", conv, bn, "none", None, name, part, residual=block.use_res_connect,
+                           feeds_next=not block.use_res_connect and not shared,
+                           head_input="s1" if name == pfld._blocks[-1] else None)
+    c7 = pfld.conv7
+    yield unit("conv7", c7[0], c7[1], act, c7[2], "head", "conv7", head_input="s2")
+    yield unit("conv8", pfld.conv8, pfld.bn8 if pfld.config.head_bn else None, act, pfld.relu, "head", "conv8",
+               head_input="s3")
+    yield unit("fc", pfld.fc, None, "none", None, "head", "fc")
+
+
+def fold_bn(conv: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of conv (or linear) + BN as one op, as the converter folds them (BN's
+    frozen running statistics); differentiable in the conv and BN parameters."""
+    w = conv.weight
+    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if bn is None:
+        return w, b
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return w * s.view(-1, *([1] * (w.dim() - 1))), (b - bn.running_mean) * s + bn.bias
 
 
 class AuxiliaryNet(nn.Module):

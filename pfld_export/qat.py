@@ -54,7 +54,7 @@ from .errors import UsageError
 from .export.equalize import tflite_weight_rounding
 from .export.validate import ShiftStats, shift_stats
 from .io import file_sha256
-from .model import PFLD, LandmarkModel, require_standard
+from .model import PFLD, ConvUnit, LandmarkModel, conv_units, fold_bn, require_standard
 from .runtime import check_threads
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
@@ -131,14 +131,8 @@ class QATResult:
 
 # --- the simulated int8 network ---------------------------------------------------------------
 
-def _fold(conv: nn.Module, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of conv(+BN) as one op, differentiable in the conv and BN parameters."""
-    w = conv.weight
-    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    if bn is None:
-        return w, b
-    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return w * s.view(-1, *([1] * (w.dim() - 1))), (b - bn.running_mean) * s + bn.bias
+# The activation each fused conv applies (TFLite fuses ReLU and ReLU6 into the conv alike).
+_FUSED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": lambda y: y, "relu": F.relu, "relu6": F.relu6}
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
@@ -183,7 +177,6 @@ class FakeQuantPFLD(nn.Module):
         # ReLU6 only changes the clip each fused conv applies (TFLite fuses ReLU6 the same way).
         require_standard(pfld.config, "the int8 simulator (QAT)", relu6_ok=True)
         self.pfld = pfld
-        self._relu: Callable[[torch.Tensor], torch.Tensor] = F.relu6 if pfld.config.activation == "relu6" else F.relu
         self.mode = "quant"
         self.ranges: dict[str, tuple[float, float]] = {}
         self._samples: dict[str, list[np.ndarray]] | None = None  # values kept while observing (mse ranges)
@@ -225,35 +218,35 @@ class FakeQuantPFLD(nn.Module):
         scale, zp = _act_params(*self.ranges[site])
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, ACT_QMIN, ACT_QMAX)
 
-    def _conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, x: torch.Tensor, relu: bool) -> torch.Tensor:
-        w, b = _fold(conv, bn)
+    def _fused(self, unit: ConvUnit, x: torch.Tensor) -> torch.Tensor:
+        w, b = fold_bn(unit.conv, unit.bn)
         if self.mode == "quant":
             w = fake_quant_weight(w)
-        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return self._relu(y) if relu else y
+        if isinstance(unit.conv, nn.Linear):
+            return F.linear(x, w, b)
+        y = F.conv2d(x, w, b, unit.conv.stride, unit.conv.padding, unit.conv.dilation, unit.conv.groups)
+        return _FUSED[unit.activation](y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.pfld
         x = self._act("input", x)
-        x = self._act("conv1", self._conv(p.conv1, p.bn1, x, True))
-        x = self._act("conv2", self._conv(p.conv2, p.bn2, x, True))
-        for name in p._blocks:
-            block = getattr(p, name)
-            seq = block.conv
-            h = self._act(f"{name}.expand", self._conv(seq[0], seq[1], x, True))
-            h = self._act(f"{name}.depthwise", self._conv(seq[3], seq[4], h, True))
-            h = self._act(f"{name}.project", self._conv(seq[6], seq[7], h, False))
-            x = self._act(f"{name}.add", x + h) if block.use_res_connect else h
-        s1 = x.mean((2, 3))
-        x = self._act("conv7", self._conv(p.conv7[0], p.conv7[1], x, True))
-        s2 = x.mean((2, 3))
-        s3 = self._conv(p.conv8, p.bn8 if p.config.head_bn else None, x, True).flatten(1)
-        # CONCATENATION: S1, S2 and S3 all take the concat's one scale.
-        cat = self._act("concat", torch.cat([s1, s2, s3], 1))
-        w, b = p.fc.weight, p.fc.bias
-        if self.mode == "quant":
-            w = fake_quant_weight(w)
-        return self._act("fc", F.linear(cat, w, b))
+        head: list[torch.Tensor] = []  # S1, S2, S3
+        block, block_in = "", x
+        for unit in conv_units(self.pfld, "the int8 simulator (QAT)"):
+            if unit.block != block:
+                block, block_in = unit.block, x
+            if isinstance(unit.conv, nn.Linear):
+                # CONCATENATION: S1, S2 and S3 all take the concat's one scale.
+                return self._act(unit.label, self._fused(unit, self._act("concat", torch.cat(head, 1))))
+            y = self._fused(unit, x)
+            if unit.head_input == "s3":  # flattened into the concat as it is: the concat's scale is its own
+                head.append(y.flatten(1))
+                continue
+            x = self._act(unit.label, y)
+            if unit.residual:
+                x = self._act(f"{block}.add", block_in + x)
+            if unit.head_input is not None:  # S1, S2: pooled from a tensor the next conv reads too
+                head.append(x.mean((2, 3)))
+        raise UsageError("the int8 simulator found no FC ending PFLD's head")
 
     @torch.no_grad()
     def observe_ranges(self, x: torch.Tensor, method: str = "minmax", chunk: int = 16) -> dict[str, tuple[float, float]]:
@@ -297,19 +290,22 @@ def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
     """Make `pfld` train under int8-like rounding noise; returns the hook handles (`.remove()`).
 
     In training mode, every tensor the TFLite int8 graph requantizes (`FakeQuantPFLD`'s sites:
-    each conv output after its ReLU, each projection, each residual ADD, the concatenated S1/S2/S3
-    and the landmarks) gets uniform noise of `strength` int8 steps, one step being the batch's own
-    range / 255. Evaluation mode is the plain network, and the hooks are not part of the weights,
-    so the checkpoint is an ordinary PFLD. Why: post-training int8 is saturated on PFLD (its
-    error is rounding noise spread over every layer, benchmarks/int8_fidelity.md), and
-    fine-tuning a float-trained network (`qat`) barely moves its sensitivity to that noise.
-    Training against it from the first step does: 0.25X at strength 8 moves 0.29-0.34 px under int8
-    instead of 0.49, for a worse float NME (0.089 vs 0.081 on synthetic faces).
+    each conv output after its fused activation, each projection, each residual ADD, the
+    concatenated S1/S2/S3 and the landmarks) gets uniform noise of `strength` int8 steps, one step
+    being the batch's own range / 255. A ReLU6 output is clipped back into [0, 6] after it, as
+    its fused int8 output cannot leave that range. Evaluation mode is the plain network, and the
+    hooks are not part of the weights, so the checkpoint is an ordinary PFLD. Why: post-training
+    int8 is saturated on PFLD (its error is rounding noise spread over every layer,
+    benchmarks/int8_fidelity.md), and fine-tuning a float-trained network (`qat`) barely moves
+    its sensitivity to that noise. Training against it from the first step does: 0.25X at
+    strength 8 moves 0.29-0.34 px under int8 instead of 0.49, for a worse float NME (0.089 vs
+    0.081 on synthetic faces).
     """
     if not strength >= 0:
         raise UsageError(f"--int8-noise {strength} must be >= 0 (int8 steps of noise; 0 = off)")
     if strength == 0:
         return []
+    units = list(conv_units(pfld, "--int8-noise"))  # before any hook goes on: a refusal leaves the model as it was
 
     def noisy(x: torch.Tensor) -> torch.Tensor:
         step = (x.detach().amax() - x.detach().amin()).clamp_min(1e-12) / (ACT_QMAX - ACT_QMIN)
@@ -318,22 +314,28 @@ def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
     def after(mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
         return noisy(out) if mod.training else out
 
+    def after_relu6(mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        return noisy(out).clamp(0.0, 6.0) if mod.training else out
+
     def before(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         return (noisy(args[0]), *args[1:]) if mod.training else None
 
-    require_standard(pfld.config, "--int8-noise")
-    blocks = [getattr(pfld, name) for name in pfld._blocks]
-    for name, block in zip(pfld._blocks, blocks):  # checked before any hook goes on: a refusal leaves the model as it was
-        seq = getattr(block, "conv", None)
-        if not isinstance(seq, nn.Sequential) or len(seq) != 8:
-            raise UsageError(f"--int8-noise knows PFLD's inverted-residual blocks; {name} is a {type(block).__name__}")
-    handles = [m.register_forward_hook(after) for m in pfld.modules() if isinstance(m, nn.ReLU)]
-    for block in blocks:
-        handles.append(block.conv[7].register_forward_hook(after))  # the linear projection
-        if block.use_res_connect:
-            handles.append(block.register_forward_hook(after))  # the residual ADD
-    handles.append(pfld.fc.register_forward_pre_hook(before))  # the concat's one scale
-    handles.append(pfld.fc.register_forward_hook(after))  # the landmarks tensor
+    # One hook per module, in forward order; the stem convs and conv8 share one activation module,
+    # whose every call is a requantized output.
+    outputs: dict[int, tuple[nn.Module, Callable[..., Any]]] = {}
+    for u in units:
+        if u.act is not None:
+            outputs.setdefault(id(u.act), (u.act, after_relu6 if u.activation == "relu6" else after))
+        else:  # a linear projection (after its BN), or the landmarks
+            out_module = u.bn if u.bn is not None else u.conv
+            outputs[id(out_module)] = (out_module, after)
+        if u.residual:
+            block = pfld.get_submodule(u.block)
+            outputs[id(block)] = (block, after)  # the residual ADD
+    handles = [m.register_forward_hook(hook) for m, hook in outputs.values()]
+    for u in units:
+        if isinstance(u.conv, nn.Linear):
+            handles.append(u.conv.register_forward_pre_hook(before))  # the concat's one scale
     return handles
 
 

@@ -135,9 +135,6 @@ class TrainConfig:
             get_loss(self.loss)  # raises with the list of names
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise UsageError(f"--activation {self.activation!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
-        if self.int8_noise and self.activation not in (None, "relu"):
-            # The noise hooks follow PFLD-pytorch's ReLU anatomy (qat.add_int8_noise); refuse before any data loads.
-            raise UsageError(f"--int8-noise is written for the ReLU network; drop --activation {self.activation} or --int8-noise")
         if self.int8_noise is not None and not 0 <= self.int8_noise <= 64:
             raise UsageError(f"--int8-noise must be in [0, 64] int8 steps (8 is the measured choice), got {self.int8_noise}")
 

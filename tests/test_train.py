@@ -190,13 +190,15 @@ def test_activation_relu6_is_a_training_option_carried_by_the_checkpoint(tmp_pat
     got = load_checkpoint(res.last_checkpoint)
     assert got.meta.model.activation == "relu6" and got.meta.training["config"]["activation"] == "relu6"
     assert isinstance(got.model.relu, torch.nn.ReLU6)
-    # Resuming keeps it; contradicting it is refused, as is the ReLU-only noise training on it.
+    # Resuming keeps it; contradicting it is refused.
     with pytest.raises(UsageError, match="--resume continues the saved run.*activation"):
         train(TrainConfig(out=tmp_path / "r6", resume=res.last_checkpoint, epochs=2, activation="relu", cache_dir=cache))
     with pytest.raises(UsageError, match="contradicts --init"):
         train(_cfg(tmp_path / "r", cache, epochs=1, init=res.last_checkpoint, activation="relu"))
-    with pytest.raises(UsageError, match="--int8-noise is written for the ReLU network"):
-        TrainConfig(activation="relu6", int8_noise=4.0)
+    # int8-robust training follows ReLU6 too: same seed and data, only the noise differs.
+    noisy = load_checkpoint(train(_cfg(tmp_path / "r6n", cache, epochs=1, activation="relu6", int8_noise=4.0)).last_checkpoint)
+    assert noisy.meta.model.activation == "relu6" and noisy.meta.training["config"]["int8_noise"] == 4.0
+    assert any(not torch.equal(v, noisy.model.state_dict()[k]) for k, v in got.model.state_dict().items() if v.is_floating_point())
     with pytest.raises(UsageError, match="--activation 'gelu'"):
         TrainConfig(activation="gelu")
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ToleranceError, UsageError
-from ..model import PFLD, InvertedResidual, LandmarkModel, require_standard
+from ..model import PFLD, ConvUnit, LandmarkModel, conv_units, fold_bn, require_standard
 
 # Equalisation must not move float landmarks more than this (px at 112). The rescaled weights are
 # stored in float32, so the rewrite is exact only up to their rounding: <= 1.2e-5 px on trained
@@ -136,16 +136,19 @@ def _div_depthwise(conv: nn.Conv2d, k: torch.Tensor) -> None:
     conv.weight.div_(k.view(-1, 1, 1, 1))
 
 
-def _block_sites(name: str, block: InvertedResidual) -> list[_Site]:
-    seq = block.conv
-    expand_bn, dw, dw_bn, project = seq[1], seq[3], seq[4], seq[6]
-    return [
-        _Site(f"{name}.expand", seq[2], lambda k, b=expand_bn: _scale_bn(b, k), lambda k, c=dw: _div_depthwise(c, k), "depthwise"),
-        _Site(f"{name}.depthwise", seq[5], lambda k, b=dw_bn: _scale_bn(b, k), lambda k, c=project: _div_in(c, k), "dense"),
-    ]
+def _pair_site(unit: ConvUnit, reader: ConvUnit) -> _Site:
+    """A ReLU output only the next conv reads: its BN scales it, the reader's input channels
+    absorb it (per channel for a depthwise reader, whose weights are per-channel anyway). The
+    BN is tapped and the ReLU applied to its output: the stem convs share one ReLU module."""
+    conv, bn = reader.conv, unit.bn
+    if bn is None:
+        raise UsageError(f"equalisation scales {unit.label}'s output through its BN, and it has none")
+    depthwise = getattr(conv, "groups", 1) == getattr(conv, "in_channels", 0) > 1
+    unscale = (lambda k: _div_depthwise(conv, k)) if depthwise else (lambda k: _div_in(conv, k))
+    return _Site(unit.label, bn, lambda k: _scale_bn(bn, k), unscale, "depthwise" if depthwise else "dense", reduce="relu")
 
 
-def _stream_sites(pfld: PFLD) -> list[_Site]:
+def _stream_sites(pfld: PFLD, units: list[ConvUnit]) -> list[_Site]:
     """The residual stream of each stage with identity blocks, as one site per stage.
 
     conv3_1's output and every block3_i's output (x + f(x)) are one stream: the identities tie
@@ -162,51 +165,42 @@ def _stream_sites(pfld: PFLD) -> list[_Site]:
     best variant and loses 11 % on 0.25X's equalise+mse (benchmarks/int8_fidelity.md).
     """
     sites: list[_Site] = []
-    names = pfld._blocks
+    projects = [u for u in units if u.part == "project"]
+    expands = {u.block: u.conv for u in units if u.part == "expand"}
     i = 0
-    while i < len(names):
+    while i < len(projects):
         j = i + 1
-        while j < len(names) and getattr(getattr(pfld, names[j]), "use_res_connect", False):
+        while j < len(projects) and projects[j].residual:
             j += 1
-        stage = [getattr(pfld, n) for n in names[i:j]]
-        if j - i > 1 and j < len(names) and all(isinstance(b, InvertedResidual) for b in stage) \
-                and isinstance(getattr(pfld, names[j]), InvertedResidual):
-            reader = getattr(pfld, names[j])
-            taps = tuple(stage) + tuple(b.conv[7] for b in stage[1:])  # ADD outputs and the projections added
+        stage = projects[i:j]
+        if j - i > 1 and j < len(projects):
+            readers = [expands[p.block] for p in stage[1:]] + [expands[projects[j].block]]
+            # ADD outputs (the first block's output is its projection's) and the projections added
+            taps = tuple(pfld.get_submodule(p.block) for p in stage) + tuple(p.bn for p in stage[1:])
 
-            def scale(k: torch.Tensor, stage: list[InvertedResidual] = stage) -> None:
-                for b in stage:
-                    _scale_bn(b.conv[7], k)
+            def scale(k: torch.Tensor, bns: list[nn.Module] = [p.bn for p in stage]) -> None:
+                for bn in bns:
+                    _scale_bn(bn, k)
 
-            def unscale(k: torch.Tensor, stage: list[InvertedResidual] = stage, reader: InvertedResidual = reader) -> None:
-                for b in stage[1:] + [reader]:
-                    _div_in(b.conv[0], k)
+            def unscale(k: torch.Tensor, readers: list[nn.Module] = readers) -> None:
+                for conv in readers:
+                    _div_in(conv, k)
 
-            sites.append(_Site(f"{names[i]}..{names[j - 1]}.stream", taps, scale, unscale, "dense"))
+            sites.append(_Site(f"{stage[0].block}..{stage[-1].block}.stream", taps, scale, unscale, "dense"))
         i = j
     return sites
 
 
 def _sites(pfld: PFLD, cfg: EqualizeConfig) -> list[_Site]:
     """Every activation this module knows how to rescale exactly, in forward order."""
+    units = list(conv_units(pfld, "cross-layer equalisation"))
     sites: list[_Site] = []
     if cfg.blocks:
-        depthwise2 = pfld.conv2.groups == pfld.conv2.in_channels and pfld.conv2.groups > 1
-        # conv1's output goes through a module-level ReLU shared with conv2, so tap the BNs and
-        # take the ReLU into account (max(0, x) only sees the positive part of the range).
-        sites.append(_Site(
-            "conv1", pfld.bn1, lambda k: _scale_bn(pfld.bn1, k),
-            (lambda k: _div_depthwise(pfld.conv2, k)) if depthwise2 else (lambda k: _div_in(pfld.conv2, k)),
-            "depthwise" if depthwise2 else "dense", reduce="relu",
-        ))
-        first = getattr(pfld, pfld._blocks[0])
-        sites.append(_Site("conv2", pfld.bn2, lambda k: _scale_bn(pfld.bn2, k), lambda k: _div_in(first.conv[0], k), "dense", reduce="relu"))
-        for name in pfld._blocks:
-            blk = getattr(pfld, name)
-            if isinstance(blk, InvertedResidual):
-                sites.extend(_block_sites(name, blk))
+        # Positive scales commute with ReLU; ReLU6's clip at 6 does not (`equalize` refuses it).
+        sites.extend(_pair_site(u, reader) for u, reader in zip(units, units[1:])
+                     if u.feeds_next and u.activation == "relu")
     if cfg.streams:
-        sites.extend(_stream_sites(pfld))
+        sites.extend(_stream_sites(pfld, units))
     return sites
 
 
@@ -257,7 +251,13 @@ def equalize(model: LandmarkModel | PFLD, inputs: np.ndarray | torch.Tensor, cfg
     """
     cfg = cfg or EqualizeConfig()
     net = _wrapped(model)
-    require_standard(net.pfld.config, "cross-layer equalisation")
+    # The layout first (conv biases, head, input size), then the activations it scales through.
+    require_standard(net.pfld.config, "cross-layer equalisation", relu6_ok=True)
+    clipped = [u.label for u in conv_units(net.pfld, "cross-layer equalisation") if u.activation == "relu6"]
+    if clipped:
+        raise UsageError(f"cross-layer equalisation moves channel scales through each activation, and ReLU6's clip at 6 "
+                         f"does not commute with them ({clipped[0]} and {len(clipped) - 1} more clip); "
+                         "use the generic int8 methods (--int8-method plain,mixed); equalize+bias corrects biases alone here")
     x = torch.as_tensor(np.asarray(inputs, np.float32))
     if x.dim() != 4 or x.shape[1] != 3:
         raise UsageError(f"equalize needs float NCHW inputs [N, 3, H, W], got shape {tuple(x.shape)}")
@@ -318,23 +318,26 @@ def _equalize_head(net: LandmarkModel, x: torch.Tensor, cfg: EqualizeConfig) -> 
     f = head_features(net, x).abs().double()
     r = f.amax(0) if cfg.percentile >= 100 else torch.quantile(f, cfg.percentile / 100.0, dim=0)
     k = _factors(r, float(r.max()), cfg.alpha, cfg.max_scale)
-    c1, c2 = pfld.config.channels[-3:-1]  # type: ignore[index]  # S1 (stage 6) and S2 (conv7)
-    k1, k2, k3 = k[:c1], k[c1 : c1 + c2], k[c1 + c2 :]
-    last = getattr(pfld, pfld._blocks[-1])
+    units = list(conv_units(pfld, "cross-layer equalisation"))
+    fc = units[-1].conv
     with torch.no_grad():
-        # S1: the bottleneck's projection BN produces it; conv7 and the FC read it.
-        _scale_bn(last.conv[7], k1)
-        _div_in(pfld.conv7[0], k1)
-        # S2: conv7's BN (before its ReLU) produces it; conv8 and the FC read it.
-        _scale_bn(pfld.conv7[1], k2)
-        _div_in(pfld.conv8, k2)
-        # S3: ReLU(conv8 [+ bn8]); with bn8 applied its affine carries the scale, else conv8's own.
-        if pfld.config.head_bn:
-            _scale_bn(pfld.bn8, k3)
-        else:
-            pfld.conv8.weight.mul_(k3.view(-1, 1, 1, 1))
-            pfld.conv8.bias.mul_(k3)
-        _div_in(pfld.fc, k)
+        # Each head input is scaled where it is produced: S1 by the bottleneck's projection BN,
+        # S2 by conv7's BN (before its ReLU), S3 (ReLU(conv8 [+ bn8])) by bn8's affine when applied,
+        # else by conv8's own; the next conv (conv7, conv8) and the FC's columns absorb it.
+        offset = 0
+        for unit, reader in zip(units, units[1:]):
+            if unit.head_input is None:
+                continue
+            ki = k[offset : offset + unit.conv.out_channels]
+            offset += len(ki)
+            if unit.bn is not None:
+                _scale_bn(unit.bn, ki)
+            else:
+                unit.conv.weight.mul_(ki.view(-1, 1, 1, 1))
+                unit.conv.bias.mul_(ki)
+            if reader.conv is not fc:
+                _div_in(reader.conv, ki)
+        _div_in(fc, k)
     return ScaledTensor("head.concat", len(k), "fc", _spread(r), _spread(r * k.double()), float(k.min()), float(k.max()))
 
 
@@ -352,25 +355,13 @@ def _wrapped(model: LandmarkModel | PFLD) -> LandmarkModel:
 
 def conv_bn_pairs(pfld: PFLD) -> Iterator[tuple[str, nn.Module, nn.BatchNorm2d | None]]:
     """(name, conv/linear, BN after it or None) in forward order: what TFLite fuses into one op."""
-    yield "conv1", pfld.conv1, pfld.bn1
-    yield "conv2", pfld.conv2, pfld.bn2
-    for name in pfld._blocks:
-        seq = getattr(pfld, name).conv
-        yield f"{name}.expand", seq[0], seq[1]
-        yield f"{name}.depthwise", seq[3], seq[4]
-        yield f"{name}.project", seq[6], seq[7]
-    yield "conv7", pfld.conv7[0], pfld.conv7[1]
-    yield "conv8", pfld.conv8, pfld.bn8 if pfld.config.head_bn else None
-    yield "fc", pfld.fc, None
+    for unit in conv_units(pfld):
+        yield unit.label, unit.conv, unit.bn
 
 
 def folded_weight(conv: nn.Module, bn: nn.BatchNorm2d | None) -> torch.Tensor:
     """The weight TFLite quantizes: BN's per-channel scale gamma / sqrt(var + eps) folded in."""
-    w = conv.weight.detach()
-    if bn is None:
-        return w.clone()
-    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    return w * s.view(-1, *([1] * (w.dim() - 1)))
+    return fold_bn(conv, bn)[0].detach().clone()
 
 
 def tflite_weight_rounding(w: torch.Tensor) -> torch.Tensor:

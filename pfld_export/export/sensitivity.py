@@ -90,9 +90,9 @@ class SensitivityReport:
 
 def conv_labels(loaded: Any) -> list[str]:
     """PyTorch names of the conv/FC layers in forward order (what TFLite fuses into one op)."""
-    from .equalize import conv_bn_pairs
+    from ..model import conv_units
 
-    return [name for name, _conv, _bn in conv_bn_pairs(loaded.model)]
+    return [unit.label for unit in conv_units(loaded.model)]
 
 
 def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> SensitivityReport:
