@@ -153,11 +153,20 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
     click.echo(to_json(report) if as_json else format_fidelity(report))
 
 
-def _refuse_train_qat(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    """`train --qat`: one line naming the qat command rather than click's unknown-option error."""
+def _refuse_train_qat(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+    """`train --qat` (or a train --qat-* option): one line naming the qat command rather than
+    click's unknown-option error."""
     if value:
         click.echo("error: QAT is its own command: pfld-export qat --init CKPT --data PHOTOS", err=True)
         ctx.exit(2)
+
+
+def _train_qat_options(fn: F) -> F:
+    """Hidden train options with QAT's train spellings, each answered by `_refuse_train_qat`."""
+    for name, flag in (("--qat", True), ("--qat-steps", False), ("--qat-ranges", False), ("--qat-equalize", True),
+                       ("--qat-trainable", False), ("--val-images", False)):
+        fn = click.option(name, is_flag=flag, hidden=True, expose_value=False, is_eager=True, callback=_refuse_train_qat)(fn)
+    return fn
 
 
 @main.command()
@@ -184,7 +193,7 @@ def _refuse_train_qat(ctx: click.Context, _param: click.Parameter, value: bool) 
 @click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
 @click.option("--int8-noise", type=float, default=None, help="Train int8-robust: uniform noise of this many int8 steps on every tensor int8 requantizes (8 measured: 0.25X int8 shift 0.49 -> 0.29-0.34 px, float NME 0.081 -> 0.089). Off (0) by default.")
-@click.option("--qat", is_flag=True, hidden=True, expose_value=False, is_eager=True, callback=_refuse_train_qat)
+@_train_qat_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @friendly
 def train(data: str | None, val_data: str | None, val_fraction: float | None, width: float | None, points: int | None,

@@ -245,7 +245,9 @@ def test_cli_qat_bad_input_is_one_line(fitted: dict[str, Any], args: list[str], 
     assert len(r.output.strip().splitlines()) == 1, r.output
 
 
-@pytest.mark.parametrize("args", [["train", "--qat"], ["train", "--data", "synthetic:12", "--qat", "--init", "x.pth"]])
+@pytest.mark.parametrize("args", [["train", "--qat"], ["train", "--data", "synthetic:12", "--qat", "--init", "x.pth"],
+                                  ["train", "--qat", "--init", "x.pth", "--qat-ranges", "learned", "--qat-steps", "3"],
+                                  ["train", "--val-images", "photos/"]])
 def test_train_qat_names_the_qat_command(args: list[str], tmp_path: Path) -> None:
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o")])
     assert r.exit_code == 2
