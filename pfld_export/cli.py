@@ -14,7 +14,9 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__
+from .device import DEVICES
 from .errors import OutputError, PfldError
+from .quant import options as qat_options  # no torch: the qat command's choices and defaults
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -145,6 +147,23 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
     report = fidelity_on_folder(cfg)
     click.echo(to_json(report) if as_json else format_fidelity(report))
 
+
+def _refuse_train_qat(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+    """`train --qat` (or a train --qat-* option): one line naming the qat command rather than
+    click's unknown-option error."""
+    if value:
+        click.echo("error: QAT is its own command: pfld-export qat --init CKPT --data PHOTOS", err=True)
+        ctx.exit(2)
+
+
+def _train_qat_options(fn: F) -> F:
+    """Hidden train options with QAT's train spellings, each answered by `_refuse_train_qat`."""
+    for name, flag in (("--qat", True), ("--qat-steps", False), ("--qat-ranges", False), ("--qat-equalize", True),
+                       ("--qat-trainable", False), ("--val-images", False)):
+        fn = click.option(name, is_flag=flag, hidden=True, expose_value=False, is_eager=True, callback=_refuse_train_qat)(fn)
+    return fn
+
+
 @main.command()
 @click.option("--data", default=None, help="Training faces: wflw:DIR, 300w:DIR or synthetic[:N[:SEED]] (default: synthetic, the 3000-face demo set).")
 @click.option("--val-data", default=None, help="Separate validation faces (same spec forms); default: hold out --val-fraction of --data.")
@@ -169,21 +188,14 @@ def fidelity(model_a: str, model_b: str, images: str, color: str | None, mean: s
 @click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
 @click.option("--int8-noise", type=float, default=None, help="Train int8-robust: uniform noise of this many int8 steps on every tensor int8 requantizes (8 measured: 0.25X int8 shift 0.49 -> 0.29-0.34 px, float NME 0.081 -> 0.089). Off (0) by default.")
-@click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning of --init: its int8 conversion learns to match its float landmarks (self-distillation, no labels needed; --data may be a folder of face photos). Writes OUT/qat.pth.")
-@click.option("--qat-steps", type=click.IntRange(1, None), default=300, show_default=True, help="Optimizer steps for --qat.")
-@click.option("--qat-ranges", type=click.Choice(["mse", "minmax", "learned"]), default="mse", show_default=True, help="--qat activation ranges: re-measured (mse / minmax) or learned (carried in the checkpoint; convert writes them into the int8 model).")
-@click.option("--qat-equalize", is_flag=True, help="--qat starts from cross-layer-equalised weights (same float landmarks).")
-@click.option("--qat-trainable", type=click.Choice(["all", "affine", "ranges"]), default="all", show_default=True,
-              help="--qat trains all weights, only BN affines and biases, or only the activation ranges (needs --qat-ranges learned; the float model does not move).")
-@click.option("--val-images", default=None, help="--qat: held-out faces for the figures (folder or spec); default: photos held out of --data.")
+@_train_qat_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @friendly
 def train(data: str | None, val_data: str | None, val_fraction: float | None, width: float | None, points: int | None,
           conv2: str | None, epochs: int, batch: int | None, lr: float | None, weight_decay: float | None, loss: str | None,
           schedule: str | None, out: str, resume: str | None, init: str | None, seed: int | None, device: str,
-          workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool, qat: bool = False,
-          qat_steps: int = 300, val_images: str | None = None, qat_ranges: str = "mse", qat_equalize: bool = False,
-          qat_trainable: str = "all", int8_noise: float | None = None, activation: str | None = None) -> None:
+          workers: int, threads: int | None, no_augment: bool, cache_dir: str | None, as_json: bool,
+          int8_noise: float | None = None, activation: str | None = None) -> None:
     """Train PFLD (the paper's loss, fixed) and write OUT/best.pth, OUT/last.pth, OUT/history.json.
 
     \b
@@ -192,18 +204,6 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     --batch is global; process 0 alone writes files; --resume needs the same process count.
     """
     from pathlib import Path
-
-    if qat:
-        _train_qat(data, val_images, init, out, qat_steps, qat_ranges, qat_equalize, qat_trainable, batch, lr, seed, device, threads,
-                   no_augment, cache_dir, as_json,
-                   unused={"--val-data": val_data, "--val-fraction": val_fraction, "--width": width, "--points": points,
-                           "--conv2": conv2, "--weight-decay": weight_decay, "--loss": loss, "--schedule": schedule,
-                           "--resume": resume, "--int8-noise": int8_noise, "--activation": activation})
-        return
-    if val_images is not None:
-        from .errors import UsageError
-
-        raise UsageError("--val-images goes with --qat; for training use --val-data")
 
     from .distributed import context_from_env
     from .progress import ProgressBar, training_progress
@@ -231,38 +231,46 @@ def train(data: str | None, val_data: str | None, val_fraction: float | None, wi
     if result.processes == 1 or context_from_env().is_main:  # under torchrun one report, from process 0
         click.echo(to_json(result) if as_json else format_train(result))
 
-def _train_qat(data: str | None, val_images: str | None, init: str | None, out: str, steps: int, ranges: str, equalize: bool,
-               trainable: str, batch: int | None,
-               lr: float | None, seed: int | None, device: str, threads: int | None, no_augment: bool, cache_dir: str | None,
-               as_json: bool, unused: dict[str, Any]) -> None:
+@main.command()
+@click.option("--init", required=True, type=click.Path(dir_okay=False), help="The trained float checkpoint to tune; it is also the frozen teacher.")
+@click.option("--data", required=True, help="Face photos to tune on (folder or dataset spec; labels are not used).")
+@click.option("--steps", type=click.IntRange(1, None), default=qat_options.STEPS, show_default=True, help="Optimizer steps.")
+@click.option("--ranges", type=click.Choice(qat_options.RANGE_CHOICES), default=qat_options.RANGE_CHOICES[0], show_default=True, help="Activation ranges: re-measured (mse / minmax) or learned (carried in the checkpoint; convert writes them into the int8 model).")
+@click.option("--equalize", is_flag=True, help="Start from cross-layer-equalised weights (same float landmarks).")
+@click.option("--trainable", type=click.Choice(qat_options.TRAINABLE), default=qat_options.TRAINABLE[0], show_default=True,
+              help="Train all weights, only BN affines and biases, or only the activation ranges (needs --ranges learned; the float model does not move).")
+@click.option("--val-images", default=None, help="Held-out faces for the figures (folder or spec)  [default: photos held out of --data]")
+@click.option("--batch", type=int, default=qat_options.BATCH, show_default=True, help="GLOBAL batch size: under torchrun it is split over the processes.")
+@click.option("--lr", type=float, default=qat_options.LR, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the photo split, batch order and augmentation.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if present.")
+@click.option("--threads", type=int, default=None, help="torch threads  [default: 1 on <= 2 cores or a busy machine, else one per core]")
+@click.option("--no-augment", is_flag=True, help="Plain face crops (no rotation/scale/shift/mirror/lighting jitter).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")
+@click.option("--out", default=qat_options.OUT, show_default=True, type=click.Path(file_okay=False), help="Folder for qat.pth.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@friendly
+def qat(init: str, data: str, steps: int, ranges: str, equalize: bool, trainable: str, val_images: str | None, batch: int,
+        lr: float, seed: int, device: str, threads: int | None, no_augment: bool, cache_dir: str | None, out: str,
+        as_json: bool) -> None:
+    """Quantization-aware fine-tuning of --init: its int8 conversion learns to match its float
+    landmarks (self-distillation, no labels needed). Writes OUT/qat.pth; convert it as usual.
+
+    \b
+    Runs unchanged under torchrun (DDP, --batch global; process 0 writes).
+    """
     from pathlib import Path
 
-    from tqdm import tqdm
-
-    from .errors import UsageError
-    from .qat import QATConfig, qat as run_qat
+    from .progress import ProgressBar
+    from .quant.qat import QATConfig, qat as run_qat
     from .report import format_qat, to_json
 
-    if init is None:
-        raise UsageError("--qat fine-tunes a trained float checkpoint: add --init CKPT")
-    given = [k for k, v in unused.items() if v is not None]
-    if given:
-        raise UsageError(f"{', '.join(given)} do(es) not apply to --qat (it keeps --init's architecture and trains by distillation); drop them")
-    cfg = QATConfig(init=Path(init), out=Path(out), data=data, val_images=val_images, steps=steps,
-                    range_method="mse" if ranges == "learned" else ranges, learn_ranges=ranges == "learned", equalize=equalize,
-                    trainable=trainable,
-                    batch=batch or QATConfig.batch, lr=lr or QATConfig.lr, seed=seed or 0, threads=threads, device=device,
-                    augment=not no_augment, cache_dir=Path(cache_dir) if cache_dir else None)
-    bar = tqdm(total=steps, desc="qat", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False, unit="step")
-
-    def progress(step: int, _total: int, loss_px: float) -> None:
-        bar.set_postfix(loss_px=f"{loss_px:.3f}", refresh=False)
-        bar.update(step - bar.n)
-
-    try:
-        result = run_qat(cfg, progress)
-    finally:
-        bar.close()
+    range_method, learn_ranges = qat_options.range_fields(ranges)
+    cfg = QATConfig(init=Path(init), out=Path(out), data=data, val_images=val_images, steps=steps, range_method=range_method,
+                    learn_ranges=learn_ranges, equalize=equalize, trainable=trainable, batch=batch, lr=lr, seed=seed,
+                    threads=threads, device=device, augment=not no_augment, cache_dir=Path(cache_dir) if cache_dir else None)
+    with ProgressBar("qat", unit="step", total=steps) as bar:
+        result = run_qat(cfg, lambda step, total, loss_px: bar.show(step, total, loss_px=f"{loss_px:.3f}"))
     click.echo(to_json(result) if as_json else format_qat(result))
 
 
@@ -314,7 +322,7 @@ def _format_names() -> str:
 @click.option("--int8-max-seconds", type=float, default=None, help="Time cap of the int8 fit in CPU seconds (a busy machine's wall clock does not cut candidates): no weight-fix candidate starts after it (plain always runs; 0: no cap)  [default: 60]")
 @click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
-@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a --qat checkpoint).")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a `pfld-export qat` checkpoint).")
 @click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation the checkpoint was trained with  [default: measured in stage 0]")
 @click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="Whether the checkpoint's forward applies bn8 after conv8  [default: read from its statistics, measured where they cannot tell]")
 @click.option("--reference-onnx", type=click.Path(dir_okay=False), default=None, help="The checkpoint author's own ONNX export: stage 0 refuses to convert unless our network reproduces it (1e-4).")

@@ -193,7 +193,7 @@ def format_distil(result: Any) -> str:
 
 
 def format_qat(result: Any) -> str:
-    """`pfld-export train --qat` report: simulated int8 shift before/after on held-out faces."""
+    """`pfld-export qat` report: simulated int8 shift before/after on held-out faces."""
     b, a, d = result.simulated_int8_before, result.simulated_int8_after, result.float_drift
     rows = [("int8 (simulated) before", b.mean_px, b.p99_px, b.max_px), ("int8 (simulated) after", a.mean_px, a.p99_px, a.max_px),
             ("tuned float (not shipped)", d.mean_px, d.p99_px, d.max_px)]

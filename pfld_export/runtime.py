@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime
 
 import numpy as np
 
+from .device import check_threads
 from .errors import ModelFileError, UsageError
 from .layouts import get_layout
 from .preprocess import Preprocess
@@ -255,16 +256,6 @@ def read_sidecar(model_path: Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"sidecar {p} is not valid JSON ({e}); delete it or re-run convert") from None
-
-
-def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
-    """The one check of a thread count, for every command: None (the runtime's default) or >= 1."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise UsageError(f"{flag} must be positive (a whole number of 1 or more), got {threads!r}; e.g. {flag} 1, "
-                         "or leave it out for the runtime's default")
-    return threads
 
 
 def _first_line(e: BaseException) -> str:

@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointMeta, LoadedModel, load_checkpoint, save_checkpoint
+from .device import Device, auto_threads, check_device, check_threads, resolve_device
 from .distributed import (DistContext, ShardedBatches, all_sum, check_global_batch, context_from_env, from_main,
                           process_device, process_group, rank_seed, wrap)
 from .errors import CheckpointError, DataError, UsageError
@@ -51,11 +51,7 @@ from .layouts import PointLayout, get_layout
 from .loss import LossOutput, class_frequencies, get_loss
 from .model import ACTIVATIONS, PFLD, WIDTHS, AuxiliaryNet, LandmarkModel, build_model
 from .preprocess import Preprocess
-from .runtime import check_threads
 from .stage0 import resolve as resolve_checkpoint
-
-Device = Literal["auto", "cpu", "cuda"]
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 # Defaults for run-defining options left at None, by data kind (the spec's prefix). Real data:
 # the paper. Synthetic: measured for the 3-epoch demo on 2 CPU cores (benchmarks/training.md).
@@ -99,7 +95,7 @@ class TrainConfig:
     threads: int | None = None  # torch threads while training (restored after); None: `auto_threads()`
     augment: bool | None = None  # None: True
     attribute_weighting: str | None = None  # batch (the paper) | dataset; None: batch
-    int8_noise: float | None = None  # int8 steps of rounding noise at every requantized tensor (qat.add_int8_noise); None: 0, off
+    int8_noise: float | None = None  # int8 steps of rounding noise at every requantized tensor (quant.noise.add_int8_noise); None: 0, off
     activation: str | None = None  # relu (PFLD-pytorch) | relu6 (bounded: tighter int8 ranges); None: relu, or --init's
     cache_dir: Path | None = None  # where load_spec keeps generated synthetic sets
     strict: bool = False  # refuse datasets with unusable annotation lines
@@ -199,21 +195,6 @@ class PreparedData:
 def data_kind(spec: str) -> str:
     """"wflw:/data/WFLW" -> "wflw"; "synthetic:500" -> "synthetic"."""
     return spec.split(":", 1)[0].strip().lower()
-
-
-def check_device(device: str) -> None:
-    """--device is one of DEVICES (whether CUDA is there is `resolve_device`'s question)."""
-    if device not in DEVICES:
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA if present, else CPU; "cuda" without CUDA is a usage error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is visible to torch; use --device cpu (or auto)")
-    return torch.device(device)
 
 
 def _resolve(cfg: TrainConfig, saved: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -558,25 +539,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None, step: StepFn | Non
         torch.set_num_threads(prev_threads)
 
 
-def auto_threads() -> int | None:
-    """1 on machines with at most 2 cores or already half busy (1-minute load average >= half the
-    cores); else None (torch's default, one per core).
-
-    Measured on the project's 2-core machine (benchmarks/training.md): one 0.25X training step on
-    32 faces took 0.36 s with 1 thread and 6-7 s with 2 while a single other process ran (18x),
-    and 1.2 s vs 5-11 s under heavy load; idle, 2 threads gain at most ~1.7x. OpenMP threads
-    wait for each other at every op, so one preempted thread stalls both.
-    """
-    cores = os.cpu_count() or 1
-    if cores <= 2:
-        return 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every platform
-        return None
-    return 1 if load >= cores / 2 else None
-
-
 def _load_resume(cfg: TrainConfig, ctx: DistContext) -> LoadedModel | None:
     """The --resume checkpoint, refused unless it holds training state from the same process count."""
     if cfg.resume is None:
@@ -621,7 +583,7 @@ def _networks(run: dict[str, Any], layout: PointLayout, resumed: LoadedModel | N
         if init_info.get("new_head", True):  # from scratch, or --init with another point count
             init_head(model, mean_shape(train_records))
     if run.get("int8_noise"):  # None in runs saved before the option existed: off
-        from .qat import add_int8_noise
+        from .quant.noise import add_int8_noise
 
         add_int8_noise(model, float(run["int8_noise"]))
     return model, aux, preprocess, provenance
@@ -851,5 +813,5 @@ def _run_epochs(st: _State, loop: _Loop, cfg: TrainConfig, val_records: Sequence
 
 __all__ = [
     "DEFAULTS", "TrainConfig", "TrainEvent", "TrainResult", "StepFn", "PreparedData", "train", "train_step", "batch_loss", "lr_at", "epoch_batches",
-    "validation_nme", "resolve_device", "data_kind", "load_data",
+    "validation_nme", "data_kind", "load_data",
 ]

@@ -170,7 +170,8 @@ def test_int8_noise_follows_relu6_and_a_relu6_network_trains_with_it(monkeypatch
     """On a ReLU6 network the noise goes where the simulator requantizes (one draw per site but
     the exact input, plus S3's activation), each fused ReLU6 output is clipped back into [0, 6],
     and one training step with it moves the weights."""
-    from pfld_export.qat import FakeQuantPFLD, add_int8_noise
+    from pfld_export.quant.noise import add_int8_noise
+    from pfld_export.quant.qat import FakeQuantPFLD
 
     net = _net(4, points=5, width=0.25, activation="relu6")
     x = torch.rand(4, 3, 112, 112) * 40  # large enough that ReLU6 clips
@@ -211,7 +212,7 @@ def test_int8_noise_follows_relu6_and_a_relu6_network_trains_with_it(monkeypatch
 def test_int8_noise_draws_once_per_requantized_tensor_on_every_variant(kw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every fused conv output (the stem's and conv8's shared activation once per call), every
     residual ADD, the concatenated head and the landmarks: one draw each, in training only."""
-    from pfld_export.qat import add_int8_noise
+    from pfld_export.quant.noise import add_int8_noise
 
     net = _net(5, **kw)
     units = list(conv_units(net))

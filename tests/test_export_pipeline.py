@@ -41,7 +41,7 @@ TRAIN_STEPS = 120
 # int8 bounds for that model on the 24 held-out crops (px at 112). Measured with the mean((2, 3))
 # head: mean 1.29, p99 3.78 (the same trainer on 160 detector-jittered faces, seeds 0-2: mean
 # 1.04-1.36, p99 3.28-5.16). The simulator bound: the converter's int8 may lose at most this much
-# more than qat.FakeQuantPFLD (same ranges and rounding points) predicts; measured 1.08x here,
+# more than quant.qat.FakeQuantPFLD (same ranges and rounding points) predicts; measured 1.08x here,
 # 1.1-1.3x over those seeds. One calibration crop at 4x its range gives 3.23 / 10.87 px.
 INT8_MEAN_PX, INT8_P99_PX, INT8_OVER_SIMULATED = 2.0, 8.0, 1.5
 
@@ -148,7 +148,7 @@ def test_int8_of_a_trained_model_stays_within_bounds(converted: dict[str, Any]) 
     """The guard on int8 itself: a broken int8 path (the AvgPool + view head, widened or wrong
     ranges, a wrong activation) moves this trained model's landmarks past these bounds."""
     from pfld_export.export.calibrate import calibration_and_validation
-    from pfld_export.qat import FakeQuantPFLD
+    from pfld_export.quant.qat import FakeQuantPFLD
 
     rep: ConvertReport = converted["report"]
     cfg: ConvertConfig = converted["cfg"]

@@ -84,7 +84,7 @@ def test_calibrated_float_model_matches_keras_and_int8_moves_it(tiny: dict[str, 
 
 
 def test_mse_ranges_shrink_min_max_and_still_hold_zero(tiny: dict[str, Any]) -> None:
-    from pfld_export.export.mixed import mse_range
+    from pfld_export.quant.ranges import mse_range
 
     v = np.random.default_rng(0).laplace(0, 1, 20000)  # heavy tails, as activations have
     lo, hi = mse_range(v, float(v.min()), float(v.max()))

@@ -109,12 +109,12 @@ def test_corrupt_onnx_isolated_bench_keeps_the_exit_code(assets: dict[str, Path]
 
 
 @pytest.mark.parametrize("threads", ["0", "-1"])
-@pytest.mark.parametrize("command", ["predict", "eval", "fidelity", "bench", "train", "train-qat"])
+@pytest.mark.parametrize("command", ["predict", "eval", "fidelity", "bench", "train", "qat"])
 def test_threads_below_one_are_refused_alike_by_every_command(assets: dict[str, Path], tmp_path: Path, threads: str,
                                                               command: str) -> None:
     args = {**_commands(assets["ckpt"], assets, tmp_path),
             "train": ["train", "--data", "synthetic:12", "--epochs", "1", "--out", tmp_path / "train"],
-            "train-qat": ["train", "--qat", "--init", assets["ckpt"], "--data", assets["faces"], "--out", tmp_path / "qat"],
+            "qat": ["qat", "--init", assets["ckpt"], "--data", assets["faces"], "--out", tmp_path / "qat"],
             }[command]
     if command == "bench":
         args[args.index("--threads") + 1] = threads

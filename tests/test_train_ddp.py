@@ -142,13 +142,13 @@ def test_resume_with_another_process_count_is_refused(runs: dict[str, Any]) -> N
 
 
 def _qat_args(init: Path, out: Path, cache: Path) -> list[str]:
-    return ["train", "--qat", "--init", str(init), "--data", "synthetic:30:5", "--qat-steps", "3", "--batch", "4",
+    return ["qat", "--init", str(init), "--data", "synthetic:30:5", "--steps", "3", "--batch", "4",
             "--seed", "1", "--device", "cpu", "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
 
 
 @pytest.mark.slow
 def test_qat_under_torchrun_equals_one_process(runs: dict[str, Any]) -> None:
-    """`train --qat` on 2 gloo processes: BatchNorm is frozen in QAT, so the shards' averaged
+    """`pfld-export qat` on 2 gloo processes: BatchNorm is frozen in QAT, so the shards' averaged
     gradient is the one-process gradient and qat.pth must match the one-process run's; process
     1 writes nothing."""
     from click.testing import CliRunner

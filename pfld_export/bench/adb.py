@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from ..errors import DeviceError, PfldError, UsageError
 from ..io import atomic_write_json, file_sha256
 from ..report import to_jsonable
-from ..runtime import check_threads
+from ..device import check_threads
 from .parse import BenchmarkModelOutput, parse_benchmark_output
 
 ADB_INSTALL_HINT = (

@@ -51,7 +51,8 @@ import numpy as np
 
 from .. import errors
 from ..errors import PfldError, UsageError
-from ..runtime import TORCH_SUFFIXES, check_threads
+from ..device import check_threads
+from ..runtime import TORCH_SUFFIXES
 
 ProgressFn = Callable[[int, int, str], None]
 """progress(done, total, what): called after each step; the CLI turns it into a bar."""

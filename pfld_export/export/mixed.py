@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import ConversionError, UsageError
 from ..preprocess import Preprocess
+from ..quant.ranges import mse_range
 from .validate import ShiftStats, shift_stats
 
 Progress = Callable[[str], None]
@@ -177,7 +178,6 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
 
 
 RANGE_METHODS = ("minmax", "mse", "percentile:P")
-_MSE_SHRINK = np.geomspace(1.0, 0.25, 24)  # candidate clip ranges, as fractions of min/max
 
 
 def _range_method(method: str) -> float | None:
@@ -190,21 +190,6 @@ def _range_method(method: str) -> float | None:
     if not m or not 50.0 < float(m.group(1)) <= 100.0:
         raise UsageError(f"range method {method!r} is not understood; use minmax, mse or percentile:P with 50 < P <= 100 (e.g. percentile:99.99)")
     return float(m.group(1))
-
-
-def mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
-    """The clip range (min/max shrunk by one common factor) with the least int8 rounding +
-    clipping error over the sampled values `v`: what an outlier costs against what the
-    256 levels gain."""
-    best, err = (lo, hi), np.inf
-    for f in _MSE_SHRINK:
-        a, b = lo * f, hi * f
-        scale = max(b - a, 1e-12) / 255.0
-        q = np.clip(np.round((v - a) / scale), 0, 255) * scale + a
-        e = float(np.mean((q - v) ** 2))
-        if e < err:
-            best, err = (a, b), e
-    return best
 
 
 def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
@@ -654,7 +639,7 @@ def fit_int8(
     if learned and fixes:
         # Learned ranges belong to the checkpoint's own activations: equalising again rescales
         # channels under them (measured on a ranges-only 1X checkpoint: 0.61 px vs 0.35 on the
-        # search crops). Bias correction alone keeps them; a --qat-equalize checkpoint is
+        # search crops). Bias correction alone keeps them; a `qat --equalize` checkpoint is
         # equalised already, so re-equalising it is not tried at all.
         equalized_qat = bool(loaded.meta.provenance["qat"].get("equalized"))  # learned ranges come from a QAT checkpoint
         fixes = ([] if equalized_qat else [m for m in WEIGHT_FIXES if m in fixes]) + (["bias"] if "equalize+bias" in fixes else [])
@@ -766,7 +751,7 @@ def _bias_corrected(method: str) -> bool:
 
 
 def learned_qat_ranges(loaded: Any | None) -> dict[str, tuple[float, float]] | None:
-    """Activation ranges a `train --qat --qat-ranges learned` checkpoint carries (site -> range)."""
+    """Activation ranges a `pfld-export qat --ranges learned` checkpoint carries (site -> range)."""
     info = loaded.meta.provenance.get("qat") if loaded is not None else None
     if not info or info.get("range_method") != "learned" or not info.get("ranges"):
         return None
@@ -776,7 +761,7 @@ def learned_qat_ranges(loaded: Any | None) -> dict[str, tuple[float, float]] | N
 def with_site_ranges(cal: Calibrated, site_ranges: dict[str, tuple[float, float]]) -> Calibrated:
     """`cal` with the activation ranges of every op that maps to a QAT site replaced (the
     converter then quantizes with exactly the scales QAT trained against)."""
-    from ..qat import site_of_label
+    from ..quant.qat import site_of_label
 
     ranges = dict(cal.ranges)
     for o in cal.ops:  # execution order, so a PAD sees its producer's new range
@@ -877,7 +862,7 @@ def add_budget_checks(rows: Sequence[Any], formats: dict[str, Any], cfg: Any, fi
             ok = s is not None and s.mean_px <= cfg.max_shift and s.p99_px <= p99_budget
             got = "not measured" if s is None else f"best reached mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on {s.faces} held-out faces"
             fix = "" if ok else ("; allow more float ops (--max-float-ops), raise --max-shift, or fine-tune for int8 with "
-                                 "`pfld-export train --qat --qat-ranges learned --qat-equalize --init CKPT --data PHOTOS` and convert "
+                                 "`pfld-export qat --ranges learned --equalize --init CKPT --data PHOTOS` and convert "
                                  "that with --reference CKPT; a model you train yourself can train int8-robust with `pfld-export train --int8-noise 8` "
                                  "(measured gains and their NME cost: benchmarks/int8_fidelity.md)")
             row.checks.append(Check("max-shift", ok, f"{got} (budget mean {cfg.max_shift} px, p99 {p99_budget:g} px) with {how}{fix}",

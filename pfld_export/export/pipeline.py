@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 from .. import __version__
 from ..errors import BudgetError, OutputError, UsageError
-from ..io import atomic_write_json, locked_dir
+from ..io import atomic_write_json, locked_dir, model_stem, writable_dir
 from ..layouts import get_layout
 from ..preprocess import Preprocess, preprocess_overrides
 from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, sidecar_path, ONNX_META_MODEL, ONNX_META_PREPROCESS
@@ -32,7 +32,6 @@ from .tflite import TfliteArtifact, TfliteConfig, to_tflite
 from .validate import FormatValidation, ValidateConfig, nme_of, validate_tflite
 
 Progress = Callable[[str, "float | None"], None]  # (stage, None) at start, (stage, seconds) at the end
-_CKPT_SUFFIXES = (".tar", ".pth", ".pt", ".ckpt", ".bin")
 
 
 @dataclass
@@ -458,35 +457,6 @@ def _json_or_none(text: str | None) -> Any:
     import json
 
     return json.loads(text) if text else None
-
-
-def model_stem(path: Path) -> str:
-    name = path.name
-    while Path(name).suffix.lower() in _CKPT_SUFFIXES + (".onnx",):
-        name = Path(name).stem
-    return name
-
-
-def writable_dir(out: Path) -> Path:
-    """Fail before minutes of work, not after: the folder takes a file, or could be created.
-
-    A folder that does not exist yet is not created here (the writers create it when the first
-    file is ready), so a run that fails early leaves no empty --out behind.
-    """
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(20, "not a folder")
-        if probe == out:
-            with tempfile.TemporaryFile(dir=out):
-                pass
-        elif not os.access(probe, os.W_OK | os.X_OK):
-            raise PermissionError(13, f"{probe} is not writable")
-    except OSError as e:
-        raise UsageError(f"output folder {out} is not writable ({e.strerror}); choose a writable --out") from None
-    return out
 
 
 def _stage_timer(timings: dict[str, float], progress: Progress | None) -> Callable[[str], Any]:

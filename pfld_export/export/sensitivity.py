@@ -97,8 +97,9 @@ def conv_labels(loaded: Any) -> list[str]:
 
 def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> SensitivityReport:
     """Convert once, then measure each quantizable op alone (and optionally left out)."""
+    from ..io import model_stem, writable_dir
     from .onnx import OnnxConfig, import_onnx, to_onnx
-    from .pipeline import ConvertConfig, model_stem, writable_dir, load_source, settle_source
+    from .pipeline import ConvertConfig, load_source, settle_source
 
     if cfg.top < 1:
         raise UsageError(f"--top {cfg.top} must be at least 1")

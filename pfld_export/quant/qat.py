@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning by self-distillation: `pfld-export train --qat --init CKPT`.
+"""Quantization-aware fine-tuning by self-distillation: `pfld-export qat --init CKPT --data PHOTOS`.
 
     qat(QATConfig(init=..., data="photos/", out=...)) -> QATResult
 
@@ -49,34 +49,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import DistContext, all_sum, context_from_env, process_device, process_group, wrap
-from .errors import UsageError
-from .export.equalize import tflite_weight_rounding
-from .export.validate import ShiftStats, shift_stats
-from .io import file_sha256
-from .model import PFLD, ConvUnit, LandmarkModel, conv_units, fold_bn, require_standard
-from .runtime import check_threads
+from ..device import auto_threads, check_device, check_threads, resolve_device
+from ..distributed import DistContext, all_sum, context_from_env, process_device, process_group, wrap
+from ..errors import UsageError
+from ..export.equalize import tflite_weight_rounding
+from ..export.validate import ShiftStats, shift_stats
+from ..io import file_sha256, writable_dir
+from ..model import PFLD, ConvUnit, LandmarkModel, conv_units, fold_bn, require_standard
+from .options import BATCH, LR, OUT, RANGE_METHODS, STEPS, TRAINABLE
+from .ranges import mse_range
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss px)
 ACT_QMIN, ACT_QMAX = -128, 127  # int8 activations, asymmetric
-RANGE_METHODS = ("minmax", "mse")  # activation ranges QAT trains against; convert calibrates with the same
-TRAINABLE = ("all", "affine", "ranges")
 _SAMPLES_PER_CHUNK = 4096  # activation values kept per site and chunk for mse ranges
 
 
 @dataclass
 class QATConfig:
-    """What `pfld-export train --qat` takes."""
+    """What `pfld-export qat` takes."""
 
     init: Path  # the float checkpoint: starting weights and the frozen teacher
-    out: Path = Path("out/qat")
+    out: Path = Path(OUT)
     data: str | None = None  # face photos folder or dataset spec (labels unused); None: synthetic
     val_images: str | None = None  # held-out faces for the figures; None: photos held out of `data`
     calib_count: int = 200
     val_count: int = 60
-    steps: int = 300
-    batch: int = 32
-    lr: float = 5e-5
+    steps: int = STEPS
+    batch: int = BATCH
+    lr: float = LR
     range_every: int = 25  # re-measure activation ranges every this many steps
     range_method: str = "mse"  # "minmax" or "mse"; convert's int8 fit calibrates with both and keeps the better
     learn_ranges: bool = False  # learn each activation's clip range (LSQ-style) from `range_method`'s start;
@@ -95,7 +95,7 @@ class QATConfig:
     def __post_init__(self) -> None:
         check_threads(self.threads)
         if self.steps < 1:
-            raise UsageError(f"--qat-steps {self.steps} must be at least 1")
+            raise UsageError(f"--steps {self.steps} must be at least 1")
         if self.batch < 1:
             raise UsageError(f"--batch {self.batch} must be at least 1")
         if not self.lr > 0:
@@ -105,11 +105,9 @@ class QATConfig:
         if self.trainable not in TRAINABLE:
             raise UsageError(f"QAT trainable set {self.trainable!r} unknown; choose {' or '.join(TRAINABLE)}")
         if self.trainable == "ranges" and not self.learn_ranges:
-            raise UsageError("--qat-trainable ranges trains the learned ranges only; add --qat-ranges learned")
+            raise UsageError("--trainable ranges trains the learned ranges only; add --ranges learned")
         if self.range_method not in RANGE_METHODS:
             raise UsageError(f"QAT range method {self.range_method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
-        from .train import check_device
-
         check_device(self.device)
 
 
@@ -141,7 +139,7 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     return w + (tflite_weight_rounding(w.detach()) - w).detach()
 
 
-def _act_params(lo: float, hi: float) -> tuple[float, int]:
+def act_params(lo: float, hi: float) -> tuple[float, int]:
     """TFLite's asymmetric int8 scale and zero point for the range [lo, hi] (which holds 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = max(hi - lo, 1e-8) / (ACT_QMAX - ACT_QMIN)
@@ -215,7 +213,7 @@ class FakeQuantPFLD(nn.Module):
             raise UsageError(f"no activation range for {site}; call observe_ranges() before training")
         if self.log_factors is not None and _key(site) in self.log_factors:
             return _learned_fake_quant(x, *self.ranges[site], self.log_factors[_key(site)])
-        scale, zp = _act_params(*self.ranges[site])
+        scale, zp = act_params(*self.ranges[site])
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, ACT_QMIN, ACT_QMAX)
 
     def _fused(self, unit: ConvUnit, x: torch.Tensor) -> torch.Tensor:
@@ -262,8 +260,6 @@ class FakeQuantPFLD(nn.Module):
             for part in torch.split(x, chunk):
                 self(part.to(dev))
             if self._samples is not None:
-                from .export.mixed import mse_range
-
                 self.ranges = {k: mse_range(np.concatenate(self._samples[k]), lo, hi) for k, (lo, hi) in self.ranges.items()}
         finally:
             self.mode, self._samples = mode, None
@@ -282,61 +278,6 @@ def site_of_label(op: str, label: str) -> str | None:
     if op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
         return label
     return None
-
-
-# --- int8-robust training ----------------------------------------------------------------------
-
-def add_int8_noise(pfld: PFLD, strength: float) -> list[Any]:
-    """Make `pfld` train under int8-like rounding noise; returns the hook handles (`.remove()`).
-
-    In training mode, every tensor the TFLite int8 graph requantizes (`FakeQuantPFLD`'s sites:
-    each conv output after its fused activation, each projection, each residual ADD, the
-    concatenated S1/S2/S3 and the landmarks) gets uniform noise of `strength` int8 steps, one step
-    being the batch's own range / 255. A ReLU6 output is clipped back into [0, 6] after it, as
-    its fused int8 output cannot leave that range. Evaluation mode is the plain network, and the
-    hooks are not part of the weights, so the checkpoint is an ordinary PFLD. Why: post-training
-    int8 is saturated on PFLD (its error is rounding noise spread over every layer,
-    benchmarks/int8_fidelity.md), and fine-tuning a float-trained network (`qat`) barely moves
-    its sensitivity to that noise. Training against it from the first step does: 0.25X at
-    strength 8 moves 0.29-0.34 px under int8 instead of 0.49, for a worse float NME (0.089 vs
-    0.081 on synthetic faces).
-    """
-    if not strength >= 0:
-        raise UsageError(f"--int8-noise {strength} must be >= 0 (int8 steps of noise; 0 = off)")
-    if strength == 0:
-        return []
-    units = list(conv_units(pfld, "--int8-noise"))  # before any hook goes on: a refusal leaves the model as it was
-
-    def noisy(x: torch.Tensor) -> torch.Tensor:
-        step = (x.detach().amax() - x.detach().amin()).clamp_min(1e-12) / (ACT_QMAX - ACT_QMIN)
-        return x + (torch.rand_like(x) - 0.5) * (strength * step)
-
-    def after(mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
-        return noisy(out) if mod.training else out
-
-    def after_relu6(mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
-        return noisy(out).clamp(0.0, 6.0) if mod.training else out
-
-    def before(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-        return (noisy(args[0]), *args[1:]) if mod.training else None
-
-    # One hook per module, in forward order; the stem convs and conv8 share one activation module,
-    # whose every call is a requantized output.
-    outputs: dict[int, tuple[nn.Module, Callable[..., Any]]] = {}
-    for u in units:
-        if u.act is not None:
-            outputs.setdefault(id(u.act), (u.act, after_relu6 if u.activation == "relu6" else after))
-        else:  # a linear projection (after its BN), or the landmarks
-            out_module = u.bn if u.bn is not None else u.conv
-            outputs[id(out_module)] = (out_module, after)
-        if u.residual:
-            block = pfld.get_submodule(u.block)
-            outputs[id(block)] = (block, after)  # the residual ADD
-    handles = [m.register_forward_hook(hook) for m, hook in outputs.values()]
-    for u in units:
-        if isinstance(u.conv, nn.Linear):
-            handles.append(u.conv.register_forward_pre_hook(before))  # the concat's one scale
-    return handles
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -391,8 +332,6 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
     is global; BatchNorm is frozen here, so N processes compute exactly the one-process step),
     DDP averages the gradients, and only process 0 reports progress and writes qat.pth.
     """
-    from .train import resolve_device
-
     ctx = context_from_env()
     dev = process_device(resolve_device(cfg.device), ctx)  # before minutes of face detection: --device cuda without CUDA is refused here
     if ctx.active and (min(cfg.batch, cfg.calib_count) % ctx.world_size or min(cfg.batch, cfg.calib_count) < ctx.world_size):
@@ -403,10 +342,8 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
 
 
 def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch.device) -> QATResult:
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .export.calibrate import calibration_and_validation
-    from .export.pipeline import writable_dir
-    from .train import auto_threads
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..export.calibrate import calibration_and_validation
 
     t0 = time.perf_counter()
     out = writable_dir(Path(cfg.out)) if ctx.is_main else Path(cfg.out)  # process 0 alone writes there
@@ -415,7 +352,7 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
         raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
     loaded = load_checkpoint(init)
     if loaded.meta.source_format != "pfld-export":  # a foreign init's activation is measured, never defaulted
-        from .stage0 import resolve
+        from ..stage0 import resolve
 
         loaded = resolve(init)[0]
     pre = loaded.meta.preprocess
@@ -433,7 +370,7 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
             p.requires_grad_(False)
         x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
         if cfg.equalize:  # float-preserving (equalize checks it), so the teacher's landmarks are the target still
-            from .export.equalize import equalize
+            from ..export.equalize import equalize
 
             loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
         loaded.model.to(dev)

@@ -1,4 +1,4 @@
-"""qat.py: the simulated int8 network, and quantization-aware fine-tuning by self-distillation.
+"""quant/qat.py: the simulated int8 network, and quantization-aware fine-tuning by self-distillation.
 
 The simulation is held to the real thing: its int8 landmarks must sit much closer to the real
 TFLite int8 model's than either sits to the float model (otherwise QAT would train against a
@@ -25,7 +25,8 @@ from pfld_export.cli import main  # noqa: E402
 from pfld_export.errors import UsageError  # noqa: E402
 from pfld_export.model import LandmarkModel, build_model  # noqa: E402
 from pfld_export.preprocess import Preprocess  # noqa: E402
-from pfld_export.qat import QATConfig, FakeQuantPFLD, _act_params, _predict, fake_quant_weight, qat  # noqa: E402
+from pfld_export.quant.qat import QATConfig, FakeQuantPFLD, act_params, fake_quant_weight, qat  # noqa: E402
+from pfld_export.runtime import tflite_interpreter_class  # noqa: E402
 
 from .conftest import briefly_fitted, synthetic_crops  # noqa: E402
 
@@ -68,9 +69,9 @@ def test_weight_and_activation_rounding_follow_tflite() -> None:
     # per output channel: scale max|w|/127, so each row's largest weight is exact
     assert q[0, 0] == 1.0 and abs(q[1, 2].item() + 0.04) < 1e-7
     assert (q - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 + 1e-7
-    scale, zp = _act_params(-1.0, 3.0)
+    scale, zp = act_params(-1.0, 3.0)
     assert abs(scale - 4.0 / 255) < 1e-9 and zp == round(-128 + 1.0 / scale)
-    assert _act_params(0.5, 2.0)[1] == -128  # the range is widened to hold 0: zero point at the bottom
+    assert act_params(0.5, 2.0)[1] == -128  # the range is widened to hold 0: zero point at the bottom
 
 
 def _site_of(label: str) -> str | None:
@@ -78,6 +79,28 @@ def _site_of(label: str) -> str | None:
     if label.startswith("add after ") and label.endswith(".project"):
         return label[len("add after "):-len(".project")] + ".add"
     return None if " " in label or label == "conv8" else label
+
+
+def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
+    """A TFLite interpreter without delegates (XNNPACK would hide the intermediate tensors read here)."""
+    import importlib
+    import warnings
+
+    cls = tflite_interpreter_class()
+    kind = getattr(importlib.import_module(cls.__module__), "OpResolverType", None)
+    kw: dict[str, Any] = {"experimental_preserve_all_tensors": True} if keep_all else {}
+    if kind is not None:
+        kw["experimental_op_resolver_type"] = kind.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # preserve_all_tensors warns that it is for debugging
+        interp = cls(model_content=blob, num_threads=1, **kw)
+    interp.allocate_tensors()
+    return interp
+
+
+def _outputs(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([net(part) for part in torch.split(x, 16)])
 
 
 def _real_and_simulated(path: Path, calib: np.ndarray) -> tuple[Any, FakeQuantPFLD, Any]:
@@ -96,11 +119,10 @@ def _real_and_simulated(path: Path, calib: np.ndarray) -> tuple[Any, FakeQuantPF
     return cal, sim, pre
 
 
-def test_simulation_requantizes_where_tflite_does_with_its_ranges(fitted: dict[str, Any]) -> None:
+def test_simulation_requantizes_where_tflite_does_with_its_ranges(fitted: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Every conv / depthwise / FC / residual ADD of the real int8 graph has a site with the
     same calibrated range, and the first op's int8 output is reproduced to one step."""
-    from pfld_export.export.mixed import _interpreter
-
     cal, sim, pre = _real_and_simulated(fitted["path"], fitted["crops"][:36])
     matched = 0
     for op in cal.ops:
@@ -122,18 +144,22 @@ def test_simulation_requantizes_where_tflite_does_with_its_ranges(fitted: dict[s
     conv1 = det[next(o.tensor for o in cal.ops if o.label == "conv1")]
     scale, zp = conv1["quantization_parameters"]["scales"][0], conv1["quantization_parameters"]["zero_points"][0]
     real = (interp.get_tensor(conv1["index"]).astype(np.float32) - zp) * scale
-    got: dict[str, torch.Tensor] = {}
-    orig = sim._act
+    # The simulator's conv1 output: the fake-quantization call made with conv1's scale and zero point.
+    conv1_params = act_params(*sim.ranges["conv1"])
+    got: list[torch.Tensor] = []
+    real_fake_quant = torch.fake_quantize_per_tensor_affine
 
-    def grab(site: str, t: torch.Tensor) -> torch.Tensor:
-        y = orig(site, t)
-        got.setdefault(site, y.detach())
+    def grab(t: torch.Tensor, s: float, z: int, qmin: int, qmax: int) -> torch.Tensor:
+        y = real_fake_quant(t, s, z, qmin, qmax)
+        if (s, z) == conv1_params:
+            got.append(y.detach())
         return y
 
-    sim._act = grab  # type: ignore[method-assign]
+    monkeypatch.setattr(torch, "fake_quantize_per_tensor_affine", grab)
     with torch.no_grad():
         sim(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-    simulated = got["conv1"].numpy().transpose(0, 2, 3, 1)
+    assert len(got) == 1
+    simulated = got[0].numpy().transpose(0, 2, 3, 1)
     assert np.abs(simulated - real).max() <= 1.01 * scale  # at most one int8 step apart
 
 
@@ -153,8 +179,8 @@ def test_simulated_int8_shift_matches_real_tflite_on_a_real_checkpoint() -> None
     cal, sim, pre = _real_and_simulated(ckpt, calib.crops)
     real = predict_blob(cal.quantize(), pre, val.crops)
     x = torch.from_numpy(pre.apply_nchw(val.crops))
-    simulated = _predict(sim, x).numpy().reshape(real.shape) * 112
-    ref = _predict(LandmarkModel(sim.pfld).eval(), x).numpy().reshape(real.shape) * 112
+    simulated = _outputs(sim, x).numpy().reshape(real.shape) * 112
+    ref = _outputs(LandmarkModel(sim.pfld).eval(), x).numpy().reshape(real.shape) * 112
     real_shift = np.linalg.norm(real - ref, axis=-1).mean()
     sim_shift = np.linalg.norm(simulated - ref, axis=-1).mean()
     assert real_shift > 0.3  # plain int8 really moves this model
@@ -196,7 +222,7 @@ def test_qat_reduces_real_int8_shift_of_a_real_checkpoint(tmp_path: Path) -> Non
 
 
 def test_qat_config_refuses_nonsense() -> None:
-    with pytest.raises(UsageError, match="--qat-steps"):
+    with pytest.raises(UsageError, match="--steps"):
         QATConfig(init=Path("x.pth"), steps=0)
     with pytest.raises(UsageError, match="--lr"):
         QATConfig(init=Path("x.pth"), lr=0)
@@ -205,20 +231,52 @@ def test_qat_config_refuses_nonsense() -> None:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["train", "--qat"], "--init"),
-    (["train", "--qat", "--init", "{ckpt}", "--width", "1.0"], "--width"),
-    (["train", "--qat", "--init", "missing.pth"], "does not exist"),
-    (["train", "--val-images", "x"], "--qat"),
-    (["train", "--qat", "--init", "{ckpt}", "--qat-trainable", "ranges"], "--qat-ranges learned"),
-    pytest.param(["train", "--qat", "--init", "{ckpt}", "--device", "cuda"], "no CUDA device",
+    (["qat", "--init", "missing.pth", "--data", "synthetic:30:5"], "does not exist"),
+    (["qat", "--init", "{ckpt}", "--data", "synthetic:30:5", "--trainable", "ranges"], "--ranges learned"),
+    (["qat", "--init", "{ckpt}", "--data", "synthetic:30:5", "--lr", "0"], "--lr"),
+    pytest.param(["qat", "--init", "{ckpt}", "--data", "synthetic:30:5", "--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: --device cuda is valid here")),
 ])
 def test_cli_qat_bad_input_is_one_line(fitted: dict[str, Any], args: list[str], needle: str) -> None:
     args = [a.replace("{ckpt}", str(fitted["path"])) for a in args]
     r = CliRunner().invoke(main, args + ["--out", str(fitted["tmp"] / "cli_out")])
-    assert r.exit_code != 0
+    assert r.exit_code == UsageError.exit_code, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.parametrize("args", [["train", "--qat"], ["train", "--data", "synthetic:12", "--qat", "--init", "x.pth"],
+                                  ["train", "--qat", "--init", "x.pth", "--qat-ranges", "learned", "--qat-steps", "3"],
+                                  ["train", "--val-images", "photos/"]])
+def test_train_qat_names_the_qat_command(args: list[str], tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert r.output.strip() == "error: QAT is its own command: pfld-export qat --init CKPT --data PHOTOS"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_qat_needs_init_and_data(fitted: dict[str, Any]) -> None:
+    for args, missing in ((["qat", "--data", "synthetic:30:5"], "--init"), (["qat", "--init", str(fitted["path"])], "--data")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and f"Missing option '{missing}'" in r.output, r.output
+
+
+def test_cli_qat_writes_the_tuned_checkpoint_and_reports(fitted: dict[str, Any], tmp_path: Path) -> None:
+    """The command end to end on the tiny checkpoint: options reach the library (learned ranges,
+    ranges-only training, the step count) and the JSON report names the checkpoint it wrote."""
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["qat", "--init", str(fitted["path"]), "--data", "synthetic:30:5", "--steps", "2",
+                                  "--batch", "8", "--ranges", "learned", "--trainable", "ranges", "--no-augment",
+                                  "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+                                  "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert Path(report["checkpoint"]) == out / "qat.pth" and report["steps"] == 2
+    tuned = load_checkpoint(out / "qat.pth")
+    info = tuned.meta.provenance["qat"]
+    assert info["range_method"] == "learned" and info["steps"] == 2 and info["teacher"] == str(fitted["path"])
+    before = load_checkpoint(fitted["path"]).model.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in tuned.model.state_dict().items())  # --trainable ranges
 
 
 def test_convert_reference_must_match_points(fitted: dict[str, Any]) -> None:
@@ -240,10 +298,10 @@ def test_max_shift_takes_pixels_with_or_without_unit(value: str, ok: bool, tmp_p
 
 
 def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> None:
-    """--qat-ranges learned: the ranges QAT trained are stored in the checkpoint, and convert's
+    """--ranges learned: the ranges QAT trained are stored in the checkpoint, and convert's
     int8 model quantizes with exactly those scales (and picks them only if they do better)."""
-    from pfld_export.export.mixed import _interpreter, learned_qat_ranges, with_site_ranges
-    from pfld_export.qat import site_of_label
+    from pfld_export.export.mixed import learned_qat_ranges, with_site_ranges
+    from pfld_export.quant.qat import site_of_label
 
     out = fitted["tmp"] / "qat_learned"
     res = qat(QATConfig(init=fitted["path"], out=out, data="synthetic:60:3", calib_count=40, val_count=12, steps=6,
@@ -267,7 +325,7 @@ def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> No
 
 
 def test_ranges_only_qat_leaves_the_float_model_alone(fitted: dict[str, Any]) -> None:
-    """--qat-trainable ranges: the weights are the teacher's bit for bit, only the learned ranges
+    """--trainable ranges: the weights are the teacher's bit for bit, only the learned ranges
     (carried in the checkpoint) differ from the observed ones."""
     from pfld_export.export.mixed import learned_qat_ranges
 
@@ -286,7 +344,7 @@ def test_ranges_only_qat_leaves_the_float_model_alone(fitted: dict[str, Any]) ->
 
 
 def test_convert_keeps_learned_ranges_on_the_activations_they_were_learned_for(fitted: dict[str, Any], tmp_path: Path) -> None:
-    """A --qat-equalize checkpoint with learned ranges: convert's int8 fit writes the ranges into
+    """A `qat --equalize` checkpoint with learned ranges: convert's int8 fit writes the ranges into
     the plain and the bias-corrected calibration (`qat-ranges`, `bias/qat-ranges`) and does not
     equalise again, which would rescale channels under the learned ranges."""
     res = qat(QATConfig(init=fitted["path"], out=tmp_path / "q", data="synthetic:60:3", calib_count=40, val_count=12, steps=2,
@@ -301,7 +359,7 @@ def test_convert_keeps_learned_ranges_on_the_activations_they_were_learned_for(f
 
 
 def test_qat_equalize_starts_from_the_same_float_landmarks(fitted: dict[str, Any]) -> None:
-    """--qat-equalize rescales channels (different weights) without moving the float landmarks:
+    """--equalize rescales channels (different weights) without moving the float landmarks:
     with a negligible step the tuned float network still matches the teacher."""
     res = qat(QATConfig(init=fitted["path"], out=fitted["tmp"] / "qat_eq", data="synthetic:60:3", calib_count=40,
                         val_count=12, steps=2, batch=8, lr=1e-12, threads=1, equalize=True, augment=False))
@@ -322,7 +380,7 @@ def test_convert_reference_must_exist(fitted: dict[str, Any]) -> None:
 def test_int8_noise_perturbs_every_requantized_tensor_in_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
 
-    from pfld_export.qat import add_int8_noise
+    from pfld_export.quant.noise import add_int8_noise
 
     torch.manual_seed(0)
     pfld, _ = build_model(width=0.25, points=7)
@@ -370,7 +428,7 @@ def test_int8_noise_perturbs_every_requantized_tensor_in_training_only(monkeypat
 def test_int8_noise_refuses_an_unknown_block_and_leaves_the_model_as_it_was() -> None:
     """A block that is not PFLD's inverted residual (here: the last one wrapped, same output) is
     refused before any hook goes on: no hooks left anywhere, training output unchanged."""
-    from pfld_export.qat import add_int8_noise
+    from pfld_export.quant.noise import add_int8_noise
 
     class Wrapped(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:

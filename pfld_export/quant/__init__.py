@@ -1,0 +1,1 @@
+"""int8 quantization: activation ranges, quantization-aware fine-tuning, int8-robust training."""
