@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 from pfld_export.export.calibrate import CalibrationSet, calibration_and_validation  # noqa: E402
-from pfld_export.export.equalize import EqualizeConfig, bias_correct, equalize  # noqa: E402
+from pfld_export.quant.equalize import EqualizeConfig, bias_correct, equalize  # noqa: E402
 from pfld_export.export.formats import FORMATS  # noqa: E402
 from pfld_export.export.mixed import (  # noqa: E402
     MixedConfig, calibrate, float_op_count, keras_function, latency_ratio, predict_blob, search_mixed,

@@ -51,7 +51,7 @@ from torch import nn
 
 from .distributed import DistContext, all_sum, context_from_env, process_device, process_group, wrap
 from .errors import UsageError
-from .export.equalize import tflite_weight_rounding
+from .quant.equalize import tflite_weight_rounding
 from .export.validate import ShiftStats, shift_stats
 from .io import file_sha256
 from .model import PFLD, LandmarkModel, require_standard
@@ -431,7 +431,7 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
             p.requires_grad_(False)
         x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
         if cfg.equalize:  # float-preserving (equalize checks it), so the teacher's landmarks are the target still
-            from .export.equalize import equalize
+            from .quant.equalize import equalize
 
             loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
         loaded.model.to(dev)
