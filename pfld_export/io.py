@@ -250,3 +250,35 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_CKPT_SUFFIXES = (".tar", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def model_stem(path: Path) -> str:
+    name = path.name
+    while Path(name).suffix.lower() in _CKPT_SUFFIXES + (".onnx",):
+        name = Path(name).stem
+    return name
+
+
+def writable_dir(out: Path) -> Path:
+    """Fail before minutes of work, not after: the folder takes a file, or could be created.
+
+    A folder that does not exist yet is not created here (the writers create it when the first
+    file is ready), so a run that fails early leaves no empty --out behind.
+    """
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        if probe == out:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"{probe} is not writable")
+    except OSError as e:
+        raise UsageError(f"output folder {out} is not writable ({e.strerror}); choose a writable --out") from None
+    return out

@@ -269,7 +269,7 @@ class FakeQuantPFLD(nn.Module):
             for part in torch.split(x, chunk):
                 self(part.to(dev))
             if self._samples is not None:
-                from .export.mixed import mse_range
+                from .quant.ranges import mse_range
 
                 self.ranges = {k: mse_range(np.concatenate(self._samples[k]), lo, hi) for k, (lo, hi) in self.ranges.items()}
         finally:
@@ -403,7 +403,7 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
 def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch.device) -> QATResult:
     from .checkpoint import load_checkpoint, save_checkpoint
     from .export.calibrate import calibration_and_validation
-    from .export.pipeline import writable_dir
+    from .io import writable_dir
     from .train import auto_threads
 
     t0 = time.perf_counter()

@@ -1,0 +1,13 @@
+"""int8 quantization of a converted model: calibration, weight fixes, sensitivity, mixed precision.
+
+Modules, leaves first (each imports only the ones above it):
+
+    ranges       activation range methods (minmax, mse, percentile:P)
+    budget       Int8Budget: the shift / NME / float-op / size / latency limits and their defaults
+    recipes      INT8_RECIPES: the ways to build an int8 model (weight fix, ranges, mixed search)
+    graph        calibrated TFLite graphs: calibration, selective quantization, op listing, timing
+    equalize     exact float rewrites of the weights (cross-layer equalisation, bias correction)
+    sensitivity  per-op int8 sensitivity sweep
+    search       mixed-precision search (which ops stay float)
+    fit          the int8 fitter `convert` calls, and the budget checks on its result
+"""
