@@ -337,10 +337,11 @@ def _format_names() -> str:
     return ", ".join(FORMATS) + f" (default {','.join(DEFAULT_FORMATS)})"
 
 
-def _recipe_names() -> str:
-    from .quant.recipes import INT8_RECIPES
+def _recipe_help() -> str:
+    from .quant.recipes import INT8_RECIPES, default_recipes
 
-    return ", ".join(INT8_RECIPES)
+    return (f"Comma-separated int8 recipes: {', '.join(INT8_RECIPES)}  [default: the best of {', '.join(default_recipes(budget=False))} "
+            "(each with min/max and mse ranges, 60 s cap); with a budget all of them; plain alone: the converter's own int8]")
 
 
 @main.command()
@@ -363,7 +364,7 @@ def _recipe_names() -> str:
 @click.option("--max-shift", type=PIXELS, default=None, help="int8 budget: mean landmark shift vs float (px at 112, held-out faces). Tries equalised weights, then keeps the fewest sensitive ops float until it holds; exit 7 with the best figure if nothing does. Without it the format's goal (int8 0.25 px, full-int8 0.30 px) is checked and a miss is a WARNING (exit 0).")
 @click.option("--max-shift-p99", type=PIXELS, default=None, help=f"int8 budget: 99th-percentile shift (px)  [default: {P99_PER_MEAN:g} x --max-shift]")
 @click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
-@click.option("--int8-method", "int8_methods", default=None, metavar="RECIPE[,RECIPE...]", help=f"Comma-separated int8 recipes: {_recipe_names()}  [default: the best of plain, equalize+bias, equalize (each with min/max and mse ranges, 60 s cap); with a budget also mixed; plain alone: the converter's own int8]")
+@click.option("--int8-method", "int8_methods", default=None, metavar="RECIPE[,RECIPE...]", help=_recipe_help())
 @click.option("--int8-max-seconds", type=float, default=None, help="Time cap of the int8 fit in CPU seconds (a busy machine's wall clock does not cut candidates): no weight-fix candidate starts after it (plain always runs; 0: no cap)  [default: 60]")
 @click.option("--max-float-ops", type=int, default=DEFAULT_MAX_FLOAT_OPS, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=DEFAULT_MAX_SLOWDOWN, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")

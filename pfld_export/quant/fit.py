@@ -26,7 +26,7 @@ from .budget import Int8Budget
 from .graph import (PASSTHROUGH_OPS, Calibrated, OpInfo, Progress, calibrate_all, float_op_count, keras_function,
                     latency_ratio, predict_blob, write_ranges)
 from .ranges import range_rule
-from .recipes import INT8_RECIPES, MIXED_SUFFIX, WEIGHT_FIXES, WeightFix, check_recipes, default_recipes, weight_fix_of
+from .recipes import INT8_RECIPES, MIXED_SUFFIX, check_recipes, default_recipes, weight_fix_of
 from .search import MixedConfig, search_mixed
 
 # Weight-fix candidates started after this many seconds of the fit's CPU time are skipped (and
@@ -119,9 +119,9 @@ def fit_int8(
     """Build each calibrated format (name -> I/O dtype in `io_dtypes`) the best way `cfg` allows.
 
     Candidates: plain int8 of `onnx_artifact`; for a checkpoint (`loaded`), the weight fixes in
-    `cfg.methods`, each re-exported; every one calibrated on the same crops with each of
-    `cfg.range_methods`; the best by search-crop shift is kept. With a budget that the best
-    still misses and "mixed" in `cfg.methods`, the fewest float ops that meet it are searched
+    `cfg.methods`, each re-exported; every one calibrated on the same crops with each of its
+    range methods (`cfg.ranges_of`); the best by search-crop shift is kept. With a budget that the
+    best still misses and a mixed recipe in `cfg.methods`, the fewest float ops that meet it are searched
     (`search_mixed`). `also`: uncalibrated ExportFormats (fp32...) to convert from the plain
     Keras model on the way, so the caller need not run onnx2tf once more. `cfg.max_seconds`
     caps the fit's CPU time (see DEFAULT_MAX_SECONDS): a weight-fix candidate is not started after it (named in `skipped`).
