@@ -4,8 +4,8 @@
 
 The caller loads the source and its crops (the pipeline side does that for the CLI), so the sweep
 itself only converts, calibrates and measures. Measured on the real thing: the model is converted
-and calibrated once (`graph.calibrate`), then
-for every op the converter's selective quantization (`denylisted_nodes`) builds an int8 model
+and calibrated once (`graph.calibrate`), then for every op the converter's selective
+quantization (`denylisted_nodes`) builds an int8 model
 in which *only that op* is int8 (its input quantized, its weights int8, its output int8, then
 dequantized) and everything else is float; the landmark shift of that model against the
 float source on held-out real crops is the op's sensitivity. Optionally (`leave_one_out`) the
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UsageError
-from ..export.calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT
+from ..export.calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, CalibrationSet
 from ..export.validate import ShiftStats, shift_stats
 from ..io import FileSet, atomic_path, file_set, model_stem, writable_dir
 from ..preprocess import Preprocess
@@ -72,8 +72,8 @@ class SensitivityInputs:
     loaded: Any | None  # checkpoint.LoadedModel for checkpoints
     preprocess: Preprocess
     reference: Any  # float predictor of the source
-    calib: Any  # export.calibrate.CalibrationSet
-    val: Any
+    calib: CalibrationSet
+    val: CalibrationSet  # held-out crops the shifts are measured on
 
 
 @dataclass
