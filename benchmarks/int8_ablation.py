@@ -1,4 +1,4 @@
-"""int8 fidelity ablation: every method of pfld_export/export/{mixed,equalize}.py, measured alone.
+"""int8 fidelity ablation: every int8 recipe of pfld_export/quant/ (INT8_RECIPES) and its settings, measured alone.
 
     python benchmarks/int8_ablation.py --model out/models/w100/best.pth --model ... \
         --json benchmarks/results/int8_ablation.json
@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,44 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 from pfld_export.export.calibrate import CalibrationSet, calibration_and_validation  # noqa: E402
-from pfld_export.export.equalize import EqualizeConfig, bias_correct, equalize  # noqa: E402
 from pfld_export.export.formats import FORMATS  # noqa: E402
-from pfld_export.export.mixed import (  # noqa: E402
-    MixedConfig, calibrate, float_op_count, keras_function, latency_ratio, predict_blob, search_mixed,
-)
 from pfld_export.export.onnx import OnnxConfig, to_onnx  # noqa: E402
 from pfld_export.export.pipeline import ConvertConfig, load_source  # noqa: E402
-from pfld_export.export.sensitivity import conv_labels, measure_layers, ranking  # noqa: E402
 from pfld_export.export.tflite import convert_one, compact_tflite  # noqa: E402
 from pfld_export.export.validate import nme_of, shift_stats  # noqa: E402
+from pfld_export.quant.budget import DEFAULT_MAX_SLOWDOWN, Int8Budget  # noqa: E402
+from pfld_export.quant.equalize import EqualizeConfig, bias_correct, equalize  # noqa: E402
+from pfld_export.quant.graph import calibrate, float_op_count, keras_function, latency_ratio, predict_blob  # noqa: E402
+from pfld_export.quant.recipes import INT8_RECIPES  # noqa: E402
+from pfld_export.quant.search import MixedConfig, search_mixed  # noqa: E402
+from pfld_export.quant.sensitivity import conv_labels, measure_layers, ranking  # noqa: E402
 
-ALL = ("converter", "plain", "mse", "percentile", "percentile-5", "calib50", "calib-aug", "eq-blocks", "eq-head", "eq-both",
-       "eq-both-a1", "eq-bias", "eq-both-mse", "eq-bias-mse", "eq-streams-mse", "eq-streams-bias-mse", "mixed", "mixed-fast", "mixed-all")
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: a recipe of INT8_RECIPES (its weight fix, and whether ops may stay float,
+    come from the registry) with one setting changed."""
+
+    recipe: str  # INT8_RECIPES name
+    ranges: str = "minmax"  # the one range method it is calibrated with
+    equalize: EqualizeConfig = field(default_factory=EqualizeConfig)  # equalisation settings, for recipes that equalise
+    calib: str = "all"  # calibration crops: all, first50, augmented (mirrored + contrast)
+    float_ops: str = "limit"  # mixed: up to --max-float-ops; fast: also within 1.15x latency; all: as many as it takes
+
+
+VARIANTS: dict[str, Variant] = {
+    "plain": Variant("plain"), "mse": Variant("plain", "mse"), "percentile": Variant("plain", "percentile:99.99"),
+    "percentile-5": Variant("plain", "percentile:99.999"), "calib50": Variant("plain", calib="first50"),
+    "calib-aug": Variant("plain", calib="augmented"),
+    "eq-blocks": Variant("equalize", equalize=EqualizeConfig(head=False)),
+    "eq-head": Variant("equalize", equalize=EqualizeConfig(blocks=False)), "eq-both": Variant("equalize"),
+    "eq-both-a1": Variant("equalize", equalize=EqualizeConfig(alpha=1.0)), "eq-bias": Variant("equalize+bias"),
+    "eq-both-mse": Variant("equalize", "mse"), "eq-bias-mse": Variant("equalize+bias", "mse"),
+    "eq-streams-mse": Variant("equalize", "mse", EqualizeConfig(streams=True)),
+    "eq-streams-bias-mse": Variant("equalize+bias", "mse", EqualizeConfig(streams=True)),
+    "mixed": Variant("mixed"), "mixed-fast": Variant("mixed", float_ops="fast"), "mixed-all": Variant("mixed", float_ops="all"),
+}
+ALL = ("converter", *VARIANTS)  # converter: the TFLite converter's own calibration, the baseline
 
 
 def _augment(cs: CalibrationSet, seed: int) -> CalibrationSet:
@@ -65,16 +91,23 @@ def _augment(cs: CalibrationSet, seed: int) -> CalibrationSet:
     return CalibrationSet(crops, cs.sources * 3, f"{cs.description} + mirrored + contrast x0.7/x1.3")
 
 
-def _variant_weights(name: str, loaded: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    if not name.startswith("eq-"):
+def _crops(v: Variant, calib: CalibrationSet) -> CalibrationSet:
+    """The calibration crops variant `v` is calibrated on."""
+    if v.calib == "first50":
+        return calib.subset(np.arange(min(50, len(calib))), "first 50 crops")
+    return _augment(calib, 0) if v.calib == "augmented" else calib
+
+
+def _variant_weights(v: Variant, loaded: Any, x: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """`loaded` with the weight fix of `v`'s recipe applied (and what it moved in float)."""
+    fix = INT8_RECIPES[v.recipe].fix
+    if fix is None or not fix.rewrites:
         return loaded, {}
-    name = name.replace("-mse", "")
-    cfg = {"eq-blocks": EqualizeConfig(head=False), "eq-head": EqualizeConfig(blocks=False),
-           "eq-both": EqualizeConfig(), "eq-both-a1": EqualizeConfig(alpha=1.0), "eq-bias": EqualizeConfig(),
-           "eq-streams": EqualizeConfig(streams=True), "eq-streams-bias": EqualizeConfig(streams=True)}[name]
-    res = equalize(loaded.inference_model(), x, cfg)
-    net, info = res.model, {"float_max_diff_px": res.float_max_diff_px}
-    if name.endswith("-bias"):
+    net, info = loaded.inference_model(), {}
+    if fix.equalize:
+        res = equalize(net, x, v.equalize)
+        net, info["float_max_diff_px"] = res.model, res.float_max_diff_px
+    if fix.bias:
         bc = bias_correct(net, x)
         net, info["bias_float_moved_px"] = bc.model, bc.float_max_diff_px
     return dataclasses.replace(loaded, model=net.pfld), info
@@ -141,41 +174,32 @@ def run_model(path: Path, args: argparse.Namespace, crops_cache: dict[str, Any])
             if variant == "converter":
                 record(variant, dict(baseline), {"calibration": calib.description})
                 continue
-            if variant == "plain":
-                cal = plain_cal
-            elif variant == "mse":
-                cal, _ = calibrated(src.loaded, calib, "mse")
-            elif variant == "percentile":
-                cal, _ = calibrated(src.loaded, calib, "percentile:99.99")
-            elif variant == "percentile-5":
-                cal, _ = calibrated(src.loaded, calib, "percentile:99.999")
-            elif variant == "calib50":
-                cal, _ = calibrated(src.loaded, calib.subset(np.arange(min(50, len(calib))), "first 50 crops"))
-            elif variant == "calib-aug":
-                cal, _ = calibrated(src.loaded, _augment(calib, 0))
-            elif variant.startswith("eq-"):
-                loaded, extra = _variant_weights(variant, src.loaded, x_nchw)
-                cal, _ = calibrated(loaded, calib, "mse" if variant.endswith("-mse") else "minmax")
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant}; choose from {', '.join(ALL)}")
+            v = VARIANTS[variant]
+            recipe = INT8_RECIPES[v.recipe]
+            if recipe.fix is not None and recipe.fix.rewrites:
+                loaded, extra = _variant_weights(v, src.loaded, x_nchw)
+                cal, _ = calibrated(loaded, calib, v.ranges)
                 weights_cache[variant] = cal
-            elif variant in ("mixed", "mixed-fast", "mixed-all"):
-                best = min(((k, v) for k, v in weights_cache.items()), default=("plain", plain_cal),
+            elif not recipe.mixed:
+                cal = plain_cal if (v.ranges, v.calib) == ("minmax", "all") else calibrated(src.loaded, _crops(v, calib), v.ranges)[0]
+            else:
+                best = min(weights_cache.items(), default=("plain", plain_cal),
                            key=lambda kv: shift_stats(src.reference.predict(calib.crops[:64]),
                                                       predict_blob(kv[1].quantize(), pre, calib.crops[:64])).mean_px)
                 cal = best[1]
                 search_ref = src.reference.predict(calib.crops)
                 sens = measure_layers(cal, search_ref[:64], calib.crops[:64], pre)
-                # mixed: up to --max-float-ops; mixed-fast: also within 1.15x latency; mixed-all: as many as it takes
-                limit = len(cal.ops) if variant == "mixed-all" else args.max_float_ops
-                res = search_mixed(cal, ranking(sens), search_ref, calib.crops, pre,
-                                   MixedConfig(max_shift_px=args.max_shift, max_p99_px=4 * args.max_shift, max_float_ops=limit,
-                                               max_slowdown=1.15 if variant == "mixed-fast" else None))
+                limit = len(cal.ops) if v.float_ops == "all" else args.max_float_ops
+                budget = Int8Budget(max_shift_px=args.max_shift, max_float_ops=limit,  # p99: the budget's default, 4 x the mean
+                                    max_slowdown=DEFAULT_MAX_SLOWDOWN if v.float_ops == "fast" else None)
+                res = search_mixed(cal, ranking(sens), search_ref, calib.crops, pre, MixedConfig(budget))
                 extra = {"base": best[0], "float_ops": [o.label for o in res.float_ops], "met_on_search": res.met,
                          "search_mean_px": res.shift.mean_px}
                 deny = [o.tensor for o in res.float_ops]
                 record(variant, {f: cal.quantize(deny, d) for f, d in io.items()}, extra)
                 continue
-            else:
-                raise SystemExit(f"unknown variant {variant}")
             extra["seconds"] = round(time.perf_counter() - t, 1)
             record(variant, {f: cal.quantize((), d) for f, d in io.items()}, extra)
     return rows

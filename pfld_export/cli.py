@@ -17,6 +17,7 @@ from . import __version__
 from .device import DEVICES
 from .errors import OutputError, PfldError
 from .quant import options as qat_options  # no torch: the qat command's choices and defaults
+from .quant.budget import DEFAULT_MAX_FLOAT_OPS, DEFAULT_MAX_SLOWDOWN, P99_PER_MEAN
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -298,6 +299,13 @@ def _format_names() -> str:
     return ", ".join(FORMATS) + f" (default {','.join(DEFAULT_FORMATS)})"
 
 
+def _recipe_help() -> str:
+    from .quant.recipes import INT8_RECIPES, default_recipes
+
+    return (f"Comma-separated int8 recipes: {', '.join(INT8_RECIPES)}  [default: the best of {', '.join(default_recipes(budget=False))} "
+            "(each with min/max and mse ranges, 60 s cap); with a budget all of them; plain alone: the converter's own int8]")
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--int8", "int8", is_flag=True, help="Add int8 and full-int8 (and fp32, the reference they are read against).")
@@ -316,12 +324,12 @@ def _format_names() -> str:
 @click.option("--keep-onnx", is_flag=True, help="Keep the intermediate .onnx in --out.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for calibration sampling and the hold-out split.")
 @click.option("--max-shift", type=PIXELS, default=None, help="int8 budget: mean landmark shift vs float (px at 112, held-out faces). Tries equalised weights, then keeps the fewest sensitive ops float until it holds; exit 7 with the best figure if nothing does. Without it the format's goal (int8 0.25 px, full-int8 0.30 px) is checked and a miss is a WARNING (exit 0).")
-@click.option("--max-shift-p99", type=PIXELS, default=None, help="int8 budget: 99th-percentile shift (px)  [default: 4 x --max-shift]")
+@click.option("--max-shift-p99", type=PIXELS, default=None, help=f"int8 budget: 99th-percentile shift (px)  [default: {P99_PER_MEAN:g} x --max-shift]")
 @click.option("--max-nme-increase", type=float, default=None, help="int8 budget: NME increase over the float source on --eval-data.")
-@click.option("--int8-method", "int8_methods", default=None, help="Comma-separated int8 methods: plain, equalize, equalize+bias, mixed  [default: the best of plain, equalize+bias, equalize (each with min/max and mse ranges, 60 s cap); with a budget also mixed; plain alone: the converter's own int8]")
+@click.option("--int8-method", "int8_methods", default=None, metavar="RECIPE[,RECIPE...]", help=_recipe_help())
 @click.option("--int8-max-seconds", type=float, default=None, help="Time cap of the int8 fit in CPU seconds (a busy machine's wall clock does not cut candidates): no weight-fix candidate starts after it (plain always runs; 0: no cap)  [default: 60]")
-@click.option("--max-float-ops", type=int, default=16, show_default=True, help="Most ops mixed precision may keep in float.")
-@click.option("--max-slowdown", type=float, default=1.15, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
+@click.option("--max-float-ops", type=int, default=DEFAULT_MAX_FLOAT_OPS, show_default=True, help="Most ops mixed precision may keep in float.")
+@click.option("--max-slowdown", type=float, default=DEFAULT_MAX_SLOWDOWN, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a `pfld-export qat` checkpoint).")
 @click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation the checkpoint was trained with  [default: measured in stage 0]")
 @click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="Whether the checkpoint's forward applies bn8 after conv8  [default: read from its statistics, measured where they cannot tell]")
@@ -336,7 +344,7 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
             eval_data: str | None, size_budget: str, out: str, name: str | None, width: float | None, color: str | None,
             mean: str | None, std: str | None, keep_onnx: bool, seed: int, as_json: bool, max_shift: float | None = None,
             max_shift_p99: float | None = None, max_nme_increase: float | None = None, int8_methods: str | None = None,
-            max_float_ops: int = 16, max_slowdown: float | None = 1.15, reference: str | None = None,
+            max_float_ops: int = DEFAULT_MAX_FLOAT_OPS, max_slowdown: float | None = DEFAULT_MAX_SLOWDOWN, reference: str | None = None,
             activation: str | None = None, bn8: str | None = None, reference_onnx: str | None = None,
             model_class: str | None = None, model_args: str | None = None, output_index: int | None = None,
             output_scale: float | None = None, int8_max_seconds: float | None = None) -> None:
@@ -348,15 +356,18 @@ def convert(model: str, int8: bool, formats: str | None, calib: str | None, cali
     from .export.pipeline import ConvertConfig, convert as run_convert
     from .options import parse_list, parse_triple
     from .progress import ProgressBar
+    from .quant.budget import Int8Budget
+    from .quant.recipes import parse_recipes
     from .report import format_convert, to_json
 
+    budget = Int8Budget(max_shift_px=max_shift, max_p99_px=max_shift_p99, max_nme_increase=max_nme_increase,
+                        max_float_ops=max_float_ops, max_slowdown=max_slowdown)
     cfg = ConvertConfig(
         model=Path(model), out_dir=Path(out), formats=formats, int8=int8, calib=calib, calib_count=calib_count,
         val_images=val_images, eval_data=eval_data, size_budget=size_budget, name=name, width=width,
         color=color.upper() if color else None, mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"),
-        keep_onnx=keep_onnx, seed=seed, max_shift=max_shift, max_shift_p99=max_shift_p99, max_nme_increase=max_nme_increase,
-        int8_methods=parse_list(int8_methods or None, "--int8-method", example="plain,equalize"),
-        max_float_ops=max_float_ops, int8_max_seconds=int8_max_seconds, max_slowdown=max_slowdown, reference=Path(reference) if reference else None,
+        keep_onnx=keep_onnx, seed=seed, budget=budget, int8_methods=parse_recipes(int8_methods) if int8_methods else None,
+        int8_max_seconds=int8_max_seconds, reference=Path(reference) if reference else None,
         activation=activation, bn8=None if bn8 is None else bn8 == "on", reference_onnx=Path(reference_onnx) if reference_onnx else None,
         model_class=model_class, model_args=model_args, output_index=output_index, output_scale=output_scale,
     )
@@ -562,7 +573,8 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
     from pathlib import Path
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .export.sensitivity import SensitivityConfig, sensitivity as run_sensitivity
+    from .export.pipeline import sensitivity_inputs
+    from .quant.sensitivity import SensitivityConfig, sensitivity as run_sensitivity
     from .progress import ProgressBar
     from .report import format_sensitivity, to_json
 
@@ -570,7 +582,7 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
                             val_count=val_count, io_dtype="int8" if full_int8 else "float32", range_method=range_method,
                             leave_one_out=leave_one_out, equalize=equalize, top=top, seed=seed)
     with ProgressBar("sensitivity", unit="model") as bar:
-        report = run_sensitivity(cfg, lambda done, total, what: bar.show(done, total, what))
+        report = run_sensitivity(cfg, sensitivity_inputs(cfg), lambda done, total, what: bar.show(done, total, what))
     click.echo(to_json(report) if as_json else format_sensitivity(report, top))
 
 

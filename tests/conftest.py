@@ -212,3 +212,56 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+TINY_POINTS = 5  # landmarks of the tiny TF network below
+
+
+def smooth_crops(n: int, seed: int) -> np.ndarray:
+    """Smooth random uint8 BGR crops (blurred blobs: activations behave like images, not noise)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(n, 7, 7, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(s, (112, 112), interpolation=cv2.INTER_CUBIC) for s in small])
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Iterator[dict[str, Any]]:
+    """A tiny landmark net as a TF function with constant weights (conv, depthwise, conv, two
+    means, concat, dense), calibrated: the op types PFLD converts to, in seconds instead of a
+    full PFLD conversion. Keys: cal (quant.graph.Calibrated), pre, val (crops), ref (float
+    landmarks of val, px), calib (crops)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from pfld_export.preprocess import Preprocess
+    from pfld_export.quant.graph import calibrate
+
+    rng = np.random.default_rng(0)
+
+    def const(*shape: int, scale: float = 1.0) -> Any:
+        return tf.constant(rng.normal(0, scale, shape).astype(np.float32))
+
+    w1, b1 = const(3, 3, 3, 8, scale=0.5), const(8, scale=0.1)
+    w2, b2 = const(3, 3, 8, 1, scale=0.3), const(8, scale=0.1)
+    w3, b3 = const(1, 1, 8, 16, scale=0.3), const(16, scale=0.1)
+    w4, b4 = const(3, 3, 16, 4, scale=0.3), const(4, scale=0.1)
+    wf, bf = const(20, 2 * TINY_POINTS, scale=0.3), const(2 * TINY_POINTS, scale=0.1)
+
+    def net(x: Any) -> Any:
+        a = tf.nn.relu(tf.nn.conv2d(x, w1, 4, "VALID") + b1)
+        b = tf.nn.relu(tf.nn.depthwise_conv2d(a, w2, [1, 2, 2, 1], "VALID") + b2)
+        c = tf.nn.conv2d(b, w3, 1, "VALID") + b3
+        # Two branches with very different ranges meeting in a concat: PFLD's head in miniature.
+        s1 = tf.reduce_mean(c, axis=[1, 2])
+        s2 = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(c, w4 * 20.0, 2, "VALID") + b4 * 20.0), axis=[1, 2])
+        return tf.sigmoid(tf.matmul(tf.concat([s1, s2], 1), wf) + bf)
+
+    spec = tf.TensorSpec((1, 112, 112, 3), tf.float32, name="input")
+    func = tf.function(lambda x: {"landmarks": net(x)}, input_signature=[spec]).get_concrete_function()
+    pre = Preprocess()
+    calib, val = smooth_crops(24, 1), smooth_crops(6, 2)
+    cal = calibrate(None, func, pre.apply(calib))
+    ref = np.stack([net(pre.apply(val)[i : i + 1]).numpy().reshape(TINY_POINTS, 2) * 112 for i in range(len(val))])
+    yield {"cal": cal, "pre": pre, "val": val, "ref": ref, "calib": calib}

@@ -67,7 +67,7 @@ def test_units_follow_the_state_dict_convs_in_forward_order(kw: dict) -> None:
     assert [u.label for u in units] == [_label(u.path) for u in units]
     assert all(net.get_submodule(u.path) is u.conv for u in units)
     # sensitivity tables and bias correction name layers by these labels
-    from pfld_export.export.sensitivity import conv_labels
+    from pfld_export.quant.sensitivity import conv_labels
 
     assert conv_labels(SimpleNamespace(model=net)) == [u.label for u in units]
     act = kw.get("activation", "relu")
@@ -160,7 +160,7 @@ def test_a_block_that_is_not_an_inverted_residual_is_named() -> None:
 
 def test_equalisation_keeps_off_relu6() -> None:
     """Channel scales do not commute with ReLU6's clip at 6: equalisation refuses it, naming a clipping unit."""
-    from pfld_export.export.equalize import equalize
+    from pfld_export.quant.equalize import equalize
 
     with pytest.raises(UsageError, match=r"ReLU6's clip at 6 .*\(conv1 and 29 more clip\)"):
         equalize(_net(activation="relu6"), torch.rand(2, 3, 112, 112))

@@ -303,23 +303,3 @@ def test_compaction_shares_vectors_and_keeps_outputs(converted: dict[str, Any]) 
     # ...and compacting it again gives the same bytes, with identical predictions.
     again = tflite_mod.compact_tflite(plain)
     assert len(again) == len(small) and tflite_mod._same_outputs(plain, again)
-
-
-def test_int8_config_for_picks_the_default_fit_unless_told_otherwise() -> None:
-    from pfld_export.errors import UsageError
-    from pfld_export.export.formats import select_formats
-    from pfld_export.export.mixed import DEFAULT_MAX_SECONDS, DEFAULT_METHODS, DEFAULT_RECIPE, int8_config_for
-
-    fmts = select_formats(None, int8=True)
-    cfg = ConvertConfig(model=Path("m.pth"), int8=True)
-    got = int8_config_for(cfg, fmts)
-    assert got is not None and got.methods == DEFAULT_RECIPE and got.recipe == "default" and got.max_seconds == DEFAULT_MAX_SECONDS
-    assert got.max_shift_px is None  # no budget: the goal only warns
-    assert int8_config_for(dataclasses.replace(cfg, int8_methods=("plain",)), fmts) is None  # the converter's own int8
-    budget = int8_config_for(dataclasses.replace(cfg, max_shift=0.25), fmts)
-    assert budget is not None and budget.methods == DEFAULT_METHODS and budget.recipe == "methods" and budget.max_seconds is None
-    assert int8_config_for(dataclasses.replace(cfg, int8_max_seconds=0.0), fmts).max_seconds is None  # type: ignore[union-attr]
-    assert int8_config_for(dataclasses.replace(cfg, int8_max_seconds=5.0), fmts).max_seconds == 5.0  # type: ignore[union-attr]
-    with pytest.raises(UsageError, match="--int8-max-seconds -1"):
-        int8_config_for(dataclasses.replace(cfg, int8_max_seconds=-1.0), fmts)
-    assert int8_config_for(ConvertConfig(model=Path("m.pth")), select_formats(None)) is None  # nothing calibrated

@@ -111,3 +111,86 @@ def test_the_word_check_keeps_technical_uses_and_finds_history(tmp_path: Path) -
     probe.write_text('sess = ort.InferenceSession(p, ort.SessionOptions())\nself.session.run(x)\n'
                      '# fixed in a later stage of the work\n"""As the brief says."""\n')
     assert [h.split(":")[1] for h in _history_words(probe, "probe.py")] == ["3", "4"]
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> modules of the same package it imports, anywhere in the file (function-level
+    imports included; relative imports resolved; `from pkg import module` counts as the module)."""
+    files = {_module_name(root, p): p for p in sorted(root.rglob("*.py"))}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module or ""
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[mod].update(t for t in targets if t in files and t != mod)
+    return graph
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan): each is an import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    graph = _import_graph(PACKAGE)
+    assert len(graph) > 30 and "pfld_export.quant.fit" in graph["pfld_export.export.pipeline"]  # the walk resolved imports
+    cycles = _import_cycles(graph)
+    assert cycles == [], "modules must import toward the leaves; circles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_quant_package_imports_only_toward_its_leaves() -> None:
+    graph = _import_graph(PACKAGE)
+    quant = {m: {t for t in ts if t.startswith("pfld_export.quant.")} for m, ts in graph.items() if m.startswith("pfld_export.quant.")}
+    assert _import_cycles(quant) == []
+    assert not any(t.startswith(("pfld_export.export.pipeline", "pfld_export.cli")) for m in quant for t in graph[m])
+
+
+def test_the_cycle_check_sees_a_function_level_two_module_circle(tmp_path: Path) -> None:
+    pkg = tmp_path / "probe"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import g\n    return g\n")
+    (pkg / "c.py").write_text("import probe.a\n")
+    graph = _import_graph(pkg)
+    assert graph["probe.c"] == {"probe.a"} and graph["probe.sub.b"] == {"probe.a"}
+    assert _import_cycles(graph) == [["probe.a", "probe.sub.b"]]

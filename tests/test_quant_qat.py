@@ -81,32 +81,15 @@ def _site_of(label: str) -> str | None:
     return None if " " in label or label == "conv8" else label
 
 
-def _interpreter(blob: bytes, keep_all: bool = False) -> Any:
-    """A TFLite interpreter without delegates (XNNPACK would hide the intermediate tensors read here)."""
-    import importlib
-    import warnings
-
-    cls = tflite_interpreter_class()
-    kind = getattr(importlib.import_module(cls.__module__), "OpResolverType", None)
-    kw: dict[str, Any] = {"experimental_preserve_all_tensors": True} if keep_all else {}
-    if kind is not None:
-        kw["experimental_op_resolver_type"] = kind.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # preserve_all_tensors warns that it is for debugging
-        interp = cls(model_content=blob, num_threads=1, **kw)
-    interp.allocate_tensors()
-    return interp
-
-
 def _outputs(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([net(part) for part in torch.split(x, 16)])
 
 
 def _real_and_simulated(path: Path, calib: np.ndarray) -> tuple[Any, FakeQuantPFLD, Any]:
-    from pfld_export.export.mixed import calibrate, keras_function
+    from pfld_export.quant.graph import calibrate, keras_function
     from pfld_export.export.onnx import OnnxConfig, to_onnx
-    from pfld_export.export.sensitivity import conv_labels
+    from pfld_export.quant.sensitivity import conv_labels
 
     loaded = load_checkpoint(path)
     pre = loaded.meta.preprocess
@@ -123,6 +106,8 @@ def test_simulation_requantizes_where_tflite_does_with_its_ranges(fitted: dict[s
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Every conv / depthwise / FC / residual ADD of the real int8 graph has a site with the
     same calibrated range, and the first op's int8 output is reproduced to one step."""
+    from pfld_export.quant.graph import debug_interpreter
+
     cal, sim, pre = _real_and_simulated(fitted["path"], fitted["crops"][:36])
     matched = 0
     for op in cal.ops:
@@ -136,7 +121,7 @@ def test_simulation_requantizes_where_tflite_does_with_its_ranges(fitted: dict[s
         matched += 1
     assert matched == len(sim.ranges) - 2  # every site but the input and the concat (checked below by the FC reading it)
 
-    interp = _interpreter(cal.quantize(), keep_all=True)
+    interp = debug_interpreter(cal.quantize(), keep_all=True)
     x = pre.apply(fitted["crops"][40:41])
     interp.set_tensor(interp.get_input_details()[0]["index"], x)
     interp.invoke()
@@ -169,7 +154,7 @@ def test_simulated_int8_shift_matches_real_tflite_on_a_real_checkpoint() -> None
     arithmetic) reach half the elements by the 8th layer and compound, so the two are two
     draws of the same rounding noise (measured: 1.70 px apart, each 1.70 px from float)."""
     from pfld_export.export.calibrate import calibration_and_validation
-    from pfld_export.export.mixed import predict_blob
+    from pfld_export.quant.graph import predict_blob
 
     from .conftest import fixture_path
 
@@ -300,7 +285,8 @@ def test_max_shift_takes_pixels_with_or_without_unit(value: str, ok: bool, tmp_p
 def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> None:
     """--ranges learned: the ranges QAT trained are stored in the checkpoint, and convert's
     int8 model quantizes with exactly those scales (and picks them only if they do better)."""
-    from pfld_export.export.mixed import learned_qat_ranges, with_site_ranges
+    from pfld_export.quant.fit import learned_qat_ranges, with_site_ranges
+    from pfld_export.quant.graph import debug_interpreter
     from pfld_export.quant.qat import site_of_label
 
     out = fitted["tmp"] / "qat_learned"
@@ -314,7 +300,7 @@ def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> No
     cal, _sim, _pre = _real_and_simulated(res.checkpoint, fitted["crops"][:36])
     wanted = dict(ranges, conv1=(0.0, 2.5), fc=(0.0, 0.75))  # distinct values, so the check cannot pass by accident
     moved = with_site_ranges(cal, wanted)
-    interp = _interpreter(moved.quantize((), "int8"))  # int8 I/O: the FC's output keeps its tensor name
+    interp = debug_interpreter(moved.quantize((), "int8"))  # int8 I/O: the FC's output keeps its tensor name
     det = {t["name"]: t for t in interp.get_tensor_details()}
     for o in cal.ops:
         site = site_of_label(o.op, o.label)
@@ -327,7 +313,7 @@ def test_learned_ranges_travel_into_the_int8_model(fitted: dict[str, Any]) -> No
 def test_ranges_only_qat_leaves_the_float_model_alone(fitted: dict[str, Any]) -> None:
     """--trainable ranges: the weights are the teacher's bit for bit, only the learned ranges
     (carried in the checkpoint) differ from the observed ones."""
-    from pfld_export.export.mixed import learned_qat_ranges
+    from pfld_export.quant.fit import learned_qat_ranges
 
     res = qat(QATConfig(init=fitted["path"], out=fitted["tmp"] / "qat_ranges", data="synthetic:60:3", calib_count=40,
                         val_count=12, steps=6, batch=8, threads=1, learn_ranges=True, trainable="ranges", range_lr=0.05,

@@ -24,6 +24,8 @@ from ..errors import BudgetError, OutputError, UsageError
 from ..io import atomic_write_json, locked_dir, model_stem, writable_dir
 from ..layouts import get_layout
 from ..preprocess import Preprocess, preprocess_overrides
+from ..quant.budget import Int8Budget
+from ..quant.sensitivity import SensitivityConfig, SensitivityInputs
 from ..runtime import Predictor, TorchPredictor, onnx_metadata, open_predictor, sidecar_path, ONNX_META_MODEL, ONNX_META_PREPROCESS
 from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation, is_synthetic
 from .formats import FORMATS, INT8_PRESET, parse_size, select_formats
@@ -59,14 +61,10 @@ class ConvertConfig:
     parity_atol_px: float = PARITY_ATOL_PX
     detector: Any | None = None  # detect.Detector for folder calibration; default detector when None
     cache_dir: Path | None = None  # where synthetic faces are generated
-    # int8 fidelity (mixed.py): budgets for the calibrated formats and the methods allowed to meet them.
-    max_shift: float | None = None  # mean landmark shift, px at 112, on held-out crops
-    max_shift_p99: float | None = None  # None with max_shift: 4 x max_shift
-    max_nme_increase: float | None = None  # needs eval_data
-    int8_methods: tuple[str, ...] | None = None  # None: mixed.DEFAULT_RECIPE, or mixed.DEFAULT_METHODS with a budget; ("plain",): the converter's own
-    max_float_ops: int = 16
-    int8_max_seconds: float | None = None  # default fit's cap (CPU s) on starting weight-fix candidates; None: mixed.DEFAULT_MAX_SECONDS, 0: no cap
-    max_slowdown: float | None = 1.15  # latency the mixed search may add, as a ratio to all-int8
+    # int8 fidelity (quant/fit.py): the budget of the calibrated formats and the recipes allowed to meet it.
+    budget: Int8Budget = Int8Budget()  # a NME-increase budget needs eval_data
+    int8_methods: tuple[str, ...] | None = None  # INT8_RECIPES names; None: recipes.default_recipes(); ("plain",): the converter's own
+    int8_max_seconds: float | None = None  # default fit's cap (CPU s) on starting weight-fix candidates; None: fit.DEFAULT_MAX_SECONDS, 0: no cap
     # Float model the shift and NME-increase checks are measured against instead of the source's
     # own float (a QAT checkpoint is read against its teacher: the landmarks the user validated).
     reference: Path | None = None
@@ -115,7 +113,7 @@ class ConvertReport:
     timings: dict[str, float]
     report_path: Path
     tool_version: str = __version__
-    int8_fit: Any | None = None  # mixed.Int8Fit when the int8 variants were fitted (methods / budgets)
+    int8_fit: Any | None = None  # quant.fit.Int8Fit when the int8 variants were fitted (methods / budgets)
     stage0: Any | None = None  # stage0.Stage0Result: the float model checked before anything converted
     reference_model: str | None = None  # --reference: the float model shifts were measured against
     passed: bool = field(init=False)
@@ -196,7 +194,7 @@ def _publish(report: ConvertReport, staging: Path, out: Path) -> ConvertReport:
 def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
     formats = select_formats(cfg.formats, cfg.int8)
     size_budget = parse_size(cfg.size_budget)
-    from .mixed import int8_config_for
+    from ..quant.fit import int8_config_for
 
     int8_cfg = int8_config_for(cfg, formats)  # None: the converter's plain int8 (--int8-method plain)
     out = writable_dir(Path(cfg.out_dir))
@@ -231,12 +229,12 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
             ref_points = src_points if target is src.reference else target.predict(val.crops)
         fit = None
         if int8_cfg is None and any(f.calibrated for f in formats):
-            from .mixed import Int8Config, learned_qat_ranges
+            from ..quant.fit import Int8Config, learned_qat_ranges
 
             if learned_qat_ranges(src.loaded):  # a QAT checkpoint's int8 uses the ranges it was trained with
-                int8_cfg = Int8Config(methods=("plain",), range_methods=("minmax",), max_bytes=size_budget)
+                int8_cfg = Int8Config(methods=("plain",), range_methods=("minmax",), budget=Int8Budget(max_bytes=size_budget, max_slowdown=None))
         if int8_cfg is not None:
-            from .mixed import fit_int8
+            from ..quant.fit import fit_int8
 
             with stage("int8 fit"):
                 fit = fit_int8(src.loaded, art, calib, {f.name: f.io_dtype for f in formats if f.calibrated}, target,
@@ -254,7 +252,7 @@ def _convert(cfg: ConvertConfig, progress: Progress | None) -> ConvertReport:
         if fit is not None:
             _compare_with_plain(rows, fit, art.preprocess, ref_points, val.crops)
         if int8_cfg is not None:
-            from .mixed import add_budget_checks
+            from ..quant.fit import add_budget_checks
 
             add_budget_checks(rows, by_name, cfg, fit)
         artifacts = [_mark_over_budget(a, r) for a, r in zip(artifacts, rows)]
@@ -282,7 +280,7 @@ def reference_only_formats(cfg: ConvertConfig) -> tuple[str, ...]:
 
 def _compare_with_plain(rows: list[FormatValidation], fit: Any, pre: Preprocess, ref_points: Any, crops: Any) -> None:
     """What plain int8 gives on the same held-out faces, next to each fitted int8 format."""
-    from .mixed import predict_blob
+    from ..quant.graph import predict_blob
     from .validate import shift_stats
 
     for row in rows:
@@ -399,6 +397,19 @@ def settle_source(cfg: ConvertConfig, src: Source, calib: Any) -> Any:
     src.reference = TorchPredictor(path=src.path, preprocess=src.preprocess, module=loaded.inference_model(),
                                    num_points=loaded.num_points, name=src.path.name)
     return result
+
+
+def sensitivity_inputs(cfg: SensitivityConfig) -> SensitivityInputs:
+    """The source a `pfld-export sensitivity` run measures: loaded, its calibration and held-out
+    crops cut, stage 0 settled on them (the sweep itself is `quant.sensitivity.sensitivity`)."""
+    writable_dir(Path(cfg.out_dir))  # fail before minutes of face detection, not after
+    scfg = ConvertConfig(model=Path(cfg.model), calib=cfg.calib)
+    src = load_source(scfg)
+    calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.images, src.preprocess, cfg.calib_count,
+                                            cfg.val_count, cfg.seed, cfg.detector, cfg.cache_dir)
+    settle_source(scfg, src, calib)  # stage 0: a foreign checkpoint is measured as the network its authors trained
+    return SensitivityInputs(path=src.path, kind=src.kind, loaded=src.loaded, preprocess=src.preprocess,
+                             reference=src.reference, calib=calib, val=val)
 
 
 def _user_source(cfg: ConvertConfig, path: Path, override: dict[str, Any]) -> Source:

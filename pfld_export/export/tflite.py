@@ -71,7 +71,7 @@ def to_tflite(
 ) -> list[TfliteArtifact]:
     """Convert `onnx` to each of `formats`; all are converted before any file is written.
 
-    `override`: format name -> model bytes already built elsewhere (mixed.fit_int8's int8
+    `override`: format name -> model bytes already built elsewhere (quant.fit.fit_int8's int8
     variants); those formats are written (compacted) instead of converted. `sidecar_extra`:
     format name -> extra sidecar keys. Raises ConversionError naming the format and the
     converter's message.

@@ -1,1 +1,16 @@
-"""int8 quantization: activation ranges, quantization-aware fine-tuning, int8-robust training."""
+"""int8 quantization: calibration, weight fixes, sensitivity, mixed precision, QAT and int8-robust training.
+
+Modules, leaves first (each imports only the ones above it):
+
+    ranges       activation range methods (minmax, mse, percentile:P)
+    budget       Int8Budget: the shift / NME / float-op / size / latency limits and their defaults
+    recipes      INT8_RECIPES: the ways to build an int8 model (weight fix, ranges, mixed search)
+    graph        calibrated TFLite graphs: calibration, selective quantization, op listing, timing
+    equalize     exact float rewrites of the weights (cross-layer equalisation, bias correction)
+    sensitivity  per-op int8 sensitivity sweep
+    search       mixed-precision search (which ops stay float)
+    fit          the int8 fitter `convert` calls, and the budget checks on its result
+    options      the choices and defaults of `pfld-export qat` (no torch: the CLI reads them)
+    qat          quantization-aware fine-tuning (`pfld-export qat`): the int8 simulator and its training
+    noise        int8-robust training (`pfld-export train --int8-noise K`)
+"""

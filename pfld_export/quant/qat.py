@@ -52,7 +52,7 @@ from torch import nn
 from ..device import auto_threads, check_device, check_threads, resolve_device
 from ..distributed import DistContext, all_sum, context_from_env, process_device, process_group, wrap
 from ..errors import UsageError
-from ..export.equalize import tflite_weight_rounding
+from .equalize import tflite_weight_rounding
 from ..export.validate import ShiftStats, shift_stats
 from ..io import file_sha256, writable_dir
 from ..model import PFLD, ConvUnit, LandmarkModel, conv_units, fold_bn, require_standard
@@ -370,7 +370,7 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
             p.requires_grad_(False)
         x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
         if cfg.equalize:  # float-preserving (equalize checks it), so the teacher's landmarks are the target still
-            from ..export.equalize import equalize
+            from .equalize import equalize
 
             loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
         loaded.model.to(dev)

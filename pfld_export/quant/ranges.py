@@ -1,13 +1,35 @@
-"""Activation clip ranges for int8: the least-error range over sampled values.
+"""Activation range methods: how the min/max an int8 tensor is scaled to is chosen.
 
-    mse_range(values, lo, hi) -> (lo', hi')
+    minmax         the converter's own rule: the observed min/max (always holding 0)
+    mse            min/max shrunk by the one factor with the least int8 rounding + clipping error
+    percentile:P   the P-th / (100-P)-th percentile of the tensor's values (e.g. percentile:99.99)
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
+from ..errors import UsageError
+
+RANGE_METHODS = ("minmax", "mse", "percentile:P")
+# Each candidate of the int8 fit is calibrated with each of these (benchmarks/int8_fidelity.md).
+DEFAULT_RANGES: tuple[str, ...] = ("minmax", "mse")
+_PERCENTILE = re.compile(r"percentile:(\d+(?:\.\d+)?)")
 _MSE_SHRINK = np.geomspace(1.0, 0.25, 24)  # candidate clip ranges, as fractions of min/max
+
+
+def range_rule(method: str) -> float | None:
+    """A range method's rule: None for minmax, -1 for mse, else the percentile."""
+    if method == "minmax":
+        return None
+    if method == "mse":
+        return -1.0
+    m = _PERCENTILE.fullmatch(method)
+    if not m or not 50.0 < float(m.group(1)) <= 100.0:
+        raise UsageError(f"range method {method!r} is not understood; use minmax, mse or percentile:P with 50 < P <= 100 (e.g. percentile:99.99)")
+    return float(m.group(1))
 
 
 def mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:

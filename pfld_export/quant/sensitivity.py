@@ -1,9 +1,11 @@
 """Per-layer int8 sensitivity: how far the landmarks move when each op alone is quantized.
 
-    sensitivity(SensitivityConfig(model=..., calib=..., images=...)) -> SensitivityReport
+    sensitivity(cfg, export.pipeline.sensitivity_inputs(cfg)) -> SensitivityReport
 
-Measured on the real thing: the model is converted and calibrated once (`mixed.calibrate`), then
-for every op the converter's selective quantization (`denylisted_nodes`) builds an int8 model
+The caller loads the source and its crops (the pipeline side does that for the CLI), so the sweep
+itself only converts, calibrates and measures. Measured on the real thing: the model is converted
+and calibrated once (`graph.calibrate`), then for every op the converter's selective
+quantization (`denylisted_nodes`) builds an int8 model
 in which *only that op* is int8 (its input quantized, its weights int8, its output int8, then
 dequantized) and everything else is float; the landmark shift of that model against the
 float source on held-out real crops is the op's sensitivity. Optionally (`leave_one_out`) the
@@ -27,10 +29,11 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UsageError
-from ..io import FileSet, atomic_path, file_set
-from .calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, calibration_and_validation
-from .mixed import Calibrated, OpInfo, calibrate, keras_function, predict_blob
-from .validate import ShiftStats, shift_stats
+from ..export.calibrate import DEFAULT_COUNT, DEFAULT_VAL_COUNT, CalibrationSet
+from ..export.validate import ShiftStats, shift_stats
+from ..io import FileSet, atomic_path, file_set, model_stem, writable_dir
+from ..preprocess import Preprocess
+from .graph import Calibrated, calibrate, keras_function, predict_blob
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -53,6 +56,24 @@ class SensitivityConfig:
     seed: int = 0
     detector: Any | None = None
     cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise UsageError(f"--top {self.top} must be at least 1")
+
+
+@dataclass
+class SensitivityInputs:
+    """What the sweep measures on: a loaded source (stage 0 settled) and its calibration and
+    held-out crops; `export.pipeline.sensitivity_inputs` builds it."""
+
+    path: Path  # the checkpoint or .onnx
+    kind: str  # checkpoint | onnx
+    loaded: Any | None  # checkpoint.LoadedModel for checkpoints
+    preprocess: Preprocess
+    reference: Any  # float predictor of the source
+    calib: CalibrationSet
+    val: CalibrationSet  # held-out crops the shifts are measured on
 
 
 @dataclass
@@ -95,20 +116,12 @@ def conv_labels(loaded: Any) -> list[str]:
     return [unit.label for unit in conv_units(loaded.model)]
 
 
-def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> SensitivityReport:
-    """Convert once, then measure each quantizable op alone (and optionally left out)."""
-    from ..io import model_stem, writable_dir
-    from .onnx import OnnxConfig, import_onnx, to_onnx
-    from .pipeline import ConvertConfig, load_source, settle_source
+def sensitivity(cfg: SensitivityConfig, src: SensitivityInputs, progress: Progress | None = None) -> SensitivityReport:
+    """Convert `src` once, then measure each quantizable op alone (and optionally left out)."""
+    from ..export.onnx import OnnxConfig, import_onnx, to_onnx
 
-    if cfg.top < 1:
-        raise UsageError(f"--top {cfg.top} must be at least 1")
     out = writable_dir(Path(cfg.out_dir))
-    scfg = ConvertConfig(model=Path(cfg.model), calib=cfg.calib)
-    src = load_source(scfg)
-    calib, val = calibration_and_validation(cfg.calib or "synthetic", cfg.images, src.preprocess, cfg.calib_count,
-                                            cfg.val_count, cfg.seed, cfg.detector, cfg.cache_dir)
-    settle_source(scfg, src, calib)  # stage 0: a foreign checkpoint is measured as the network its authors trained
+    calib, val = src.calib, src.val
     labels = conv_labels(src.loaded) if src.loaded is not None else None
     loaded = src.loaded
     if cfg.equalize:
@@ -138,7 +151,7 @@ def sensitivity(cfg: SensitivityConfig, progress: Progress | None = None) -> Sen
 
 def measure_layers(cal: Calibrated, reference_points: np.ndarray, crops: np.ndarray, preprocess: Any,
                    io_dtype: str = "float32", leave_one_out: bool = False, progress: Progress | None = None) -> SensitivityReport:
-    """The sweep itself, on an already calibrated model (tests and `mixed` call this directly)."""
+    """The sweep itself, on an already calibrated model (tests and the int8 fitter call this directly)."""
     ops = cal.quantizable
     all_tensors = [o.tensor for o in cal.ops]
     total = len(ops) * (2 if leave_one_out else 1) + 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pfld_export.errors import UsageError
-from pfld_export.export.equalize import (
+from pfld_export.quant.equalize import (
     FLOAT_TOLERANCE_PX, EqualizeConfig, bias_correct, equalize, folded_weight, head_features, tflite_weight_rounding,
     conv_bn_pairs,
 )
@@ -174,7 +174,7 @@ def test_bias_correction_removes_the_mean_output_shift_of_rounded_weights(activa
 def test_a_rewrite_that_is_not_exact_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """The float check is what stands between a bug in a rewrite and a silently different model:
     readers that forget to absorb the scale must raise, naming the difference and the tolerance."""
-    import pfld_export.export.equalize as eqm
+    import pfld_export.quant.equalize as eqm
     from pfld_export.errors import ToleranceError
 
     monkeypatch.setattr(eqm, "_div_depthwise", lambda conv, k: None)  # the expand output is scaled, nobody compensates
