@@ -154,7 +154,8 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
 
     from .tflite import Captured
 
-    pcts = [_range_method(m) for m in methods]
+    for m in methods:
+        _range_method(m)  # an unknown method is refused before the conversion, not after
     if len(inputs) < 1:
         raise UsageError("calibration needs at least one input crop")
     conv = tf.lite.TFLiteConverter.from_concrete_functions([func], keras_model)
@@ -169,7 +170,14 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
             blob = bytes(conv.convert())
     except Exception as e:
         raise ConversionError(f"TFLite calibration failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
-    ops = list_ops(blob, labels)
+    return calibrate_blob(blob, inputs, methods, list_ops(blob, labels))
+
+
+def calibrate_blob(blob: bytes, inputs: np.ndarray, methods: Sequence[str], ops: list[OpInfo]) -> dict[str, Calibrated]:
+    """The range step of `calibrate_all` on a flatbuffer that already carries the converter's
+    statistics (its own, or a copy of it with other weights): one float run over `inputs`
+    measures every tensor, each of `methods` turns that into ranges. `ops`: `list_ops` of it."""
+    pcts = [_range_method(m) for m in methods]
     out = {}
     for m, ranges in zip(methods, _measure_ranges_all(blob, inputs, pcts)):
         out[m] = Calibrated(blob=_write_ranges(blob, ranges), ops=ops, method=m, faces=len(inputs), ranges=ranges)
@@ -674,7 +682,10 @@ def fit_int8(
                 "not this network's; the generic methods remain")
             fixes = []
     if fixes:
-        variants = _fixed_weights(loaded, calib.crops, pre, fixes, cfg.equalize_alpha)
+        variants = _fixed_weights(loaded, inputs, fixes, cfg.equalize_alpha)
+        from ..quant.constants import ConstantMap, map_constants, write_variant
+
+        consts: ConstantMap | None = None  # where plain's layers sit in its flatbuffer, found once for every variant
         for k, m in enumerate(fixes):
             if cfg.max_seconds is not None and time.process_time() - c0 > cfg.max_seconds:
                 skipped = fixes[k:]
@@ -683,11 +694,22 @@ def fit_int8(
             fixed, names = next(variants)
             say(f"calibrating {m}")
             equalized = equalized or names
-            with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
-                from .onnx import OnnxConfig, to_onnx
+            # --- a weight variant differs from plain only in constants: they are written into the
+            # plain calibrated flatbuffer and its ranges measured again (no ONNX export, no onnx2tf
+            # run); a constant that cannot be placed falls back to converting the variant.
+            try:
+                consts = consts or map_constants(plain.blob, loaded.inference_model())
+                blob = write_variant(consts, loaded.inference_model(), fixed.inference_model())
+                got = {m if r == "minmax" else f"{m}/{r}": c
+                       for r, c in calibrate_blob(blob, inputs, cfg.range_methods, plain.ops).items()}
+            except ConversionError as e:
+                say(f"{m}: weights not written into the converted model ({e}); converting it through ONNX")
+                with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
+                    from .onnx import OnnxConfig, to_onnx
 
-                art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
-                got = calibrated(m, art)
+                    art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
+                    got = calibrated(m, art)
+            # ---
             cals.update(got)
             if learned and m == "bias":
                 # QAT's ranges on the bias-corrected weights too: no conversion, only the scales
@@ -798,17 +820,18 @@ def _labels(loaded: Any | None) -> list[str] | None:
     return conv_labels(loaded)
 
 
-def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, methods: Sequence[str], alpha: float) -> Iterator[tuple[Any, list[str]]]:
+def _fixed_weights(loaded: Any, inputs: np.ndarray, methods: Sequence[str], alpha: float) -> Iterator[tuple[Any, list[str]]]:
     """Copies of `loaded` with equalised (and, for equalize+bias, also bias-corrected) float
     weights, one per method in order; the equalisation is computed once and shared. "bias" is
-    bias correction of the weights as they are (for checkpoints whose ranges were learned)."""
+    bias correction of the weights as they are (for checkpoints whose ranges were learned).
+    `inputs`: the fit's preprocessed calibration crops (float32 NHWC)."""
     import dataclasses
 
     import torch
 
     from .equalize import EqualizeConfig, bias_correct, equalize
 
-    x = pre.apply_nchw(crops)
+    x = np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))
     prev = torch.get_num_threads()
     torch.set_num_threads(1)  # small forwards: one thread avoids oversubscribing shared cores
     try:

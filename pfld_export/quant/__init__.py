@@ -1,0 +1,1 @@
+"""Int8 quantization of converted models: calibration ranges, weight constants, the fit."""
