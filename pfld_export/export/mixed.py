@@ -623,7 +623,8 @@ def fit_int8(
     """Build each calibrated format (name -> I/O dtype in `io_dtypes`) the best way `cfg` allows.
 
     Candidates: plain int8 of `onnx_artifact`; for a checkpoint (`loaded`), the weight fixes in
-    `cfg.methods`, each re-exported; every one calibrated on the same crops with each of
+    `cfg.methods`, each written into the plain calibrated flatbuffer (`quant.constants`; re-exported
+    through ONNX only where a layer cannot be placed); every one calibrated on the same crops with each of
     `cfg.range_methods`; the best by search-crop shift is kept. With a budget that the best
     still misses and "mixed" in `cfg.methods`, the fewest float ops that meet it are searched
     (`search_mixed`). `also`: uncalibrated ExportFormats (fp32...) to convert from the plain
