@@ -67,7 +67,7 @@ def swapped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """Plain converted once; the variant (equalize+bias for ReLU, bias correction for ReLU6)
     written into it, and converted on its own through ONNX for comparison."""
     root = tmp_path_factory.mktemp(f"constants-{request.param}")
-    crops, _pts = synthetic_crops(24, seed=5, folder=root / "faces")
+    crops, _pts = synthetic_crops(16, seed=5, folder=root / "faces")
     pre = Preprocess()
     inputs = pre.apply(crops)
     x = torch.from_numpy(pre.apply_nchw(crops))

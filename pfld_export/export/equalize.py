@@ -428,17 +428,9 @@ def _bias_shift_hook(name: str, conv: nn.Module, bn: nn.BatchNorm2d | None,
 
 
 def _rounding_shift(conv: nn.Module, dw: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Mean output change per channel that the weight change `dw` makes on inputs `a`, summed
-    in chunks of 32 crops so the change tensor never holds the whole set."""
-    total, count = torch.zeros(dw.shape[0], dtype=a.dtype), 0
-    for chunk in torch.split(a, 32):
-        if isinstance(conv, nn.Linear):
-            total += (chunk @ dw.T).sum(0)
-            count += chunk.shape[0]
-        else:
-            y = nn.functional.conv2d(chunk, dw, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-            total += y.sum((0, 2, 3))
-            count += y.shape[0] * y.shape[2] * y.shape[3]
-    if count == 0:
+    """Mean output change per channel that the weight change `dw` makes on inputs `a`."""
+    if a.shape[0] == 0:
         raise UsageError("bias correction needs at least one input crop")
-    return total / count
+    if isinstance(conv, nn.Linear):
+        return (a @ dw.T).mean(0)
+    return nn.functional.conv2d(a, dw, None, conv.stride, conv.padding, conv.dilation, conv.groups).mean((0, 2, 3))
