@@ -380,33 +380,48 @@ def bias_correct(model: LandmarkModel, inputs: np.ndarray | torch.Tensor) -> Bia
     For each fused conv(+BN) and the FC, the output shift E[conv_Q(x) - conv(x)] is measured on
     the calibration inputs *as they arrive at that layer in the already-corrected network*
     (so corrections do not double count), and subtracted from the bias (BN beta, conv8 or FC
-    bias). Works on a copy; returns it.
+    bias). One forward over all inputs does every layer: a hook in front of each layer measures
+    its shift on the batch as it arrives and moves the bias before the layer runs, so the next
+    layer already sees corrected activations. Works on a copy; returns it.
     """
     require_standard(model.pfld.config, "bias correction", relu6_ok=True)
     net = copy.deepcopy(model).eval()
     before_net = copy.deepcopy(net)
     x = torch.as_tensor(np.asarray(inputs, np.float32))
     res = BiasCorrection(model=net)
-    for name, conv, bn in conv_bn_pairs(net.pfld):
-        w = folded_weight(conv, bn)
-        dw = tflite_weight_rounding(w) - w
-        got: list[torch.Tensor] = []
-        h = conv.register_forward_hook(lambda m, inp, _o: got.append(inp[0].detach()))
-        try:
-            with torch.no_grad():
-                for chunk in torch.split(x, 32):
-                    net(chunk)
-        finally:
-            h.remove()
-        a = torch.cat(got)
+    handles = [conv.register_forward_pre_hook(_bias_shift_hook(name, conv, bn, res.layers))
+               for name, conv, bn in conv_bn_pairs(net.pfld)]
+    try:
         with torch.no_grad():
-            if isinstance(conv, nn.Linear):
-                shift = (a @ dw.T).mean(0)
-            else:
-                shift = nn.functional.conv2d(a, dw, None, conv.stride, conv.padding, conv.dilation, conv.groups).mean((0, 2, 3))
-            # The fused op is y = W_f x + b_f with b_f = beta - mean * s (BN) or the conv/FC bias.
-            target = bn.bias if bn is not None else conv.bias
-            target.sub_(shift)
-        res.layers[name] = float(shift.abs().max())
+            net(x)  # the whole set at once: each shift is a mean over every crop, as measured layer by layer
+    finally:
+        for h in handles:
+            h.remove()
     res.float_max_diff_px = _max_diff_px(before_net, net, x)
     return res
+
+
+def _bias_shift_hook(name: str, conv: nn.Module, bn: nn.BatchNorm2d | None,
+                     layers: dict[str, float]) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+    """Forward pre-hook: subtract the layer's int8 weight-rounding shift, measured on the
+    input it is about to see, from its fused bias (BN beta, or the conv / FC bias)."""
+
+    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        w = folded_weight(conv, bn)
+        dw = tflite_weight_rounding(w) - w
+        shift = _rounding_shift(conv, dw, inp[0].detach())
+        # The fused op is y = W_f x + b_f with b_f = beta - mean * s (BN) or the conv/FC bias.
+        target = bn.bias if bn is not None else conv.bias
+        target.sub_(shift)
+        layers[name] = float(shift.abs().max())
+
+    return hook
+
+
+def _rounding_shift(conv: nn.Module, dw: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Mean output change per channel that the weight change `dw` makes on inputs `a`."""
+    if a.shape[0] == 0:
+        raise UsageError("bias correction needs at least one input crop")
+    if isinstance(conv, nn.Linear):
+        return (a @ dw.T).mean(0)
+    return nn.functional.conv2d(a, dw, None, conv.stride, conv.padding, conv.dilation, conv.groups).mean((0, 2, 3))

@@ -19,11 +19,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ConversionError, UsageError
 from ..export.validate import ShiftStats, shift_stats
-from ..preprocess import Preprocess
 from .budget import Int8Budget
-from .graph import (PASSTHROUGH_OPS, Calibrated, OpInfo, Progress, calibrate_all, float_op_count, keras_function,
+from .constants import ConstantMap, map_constants, write_variant
+from .graph import (PASSTHROUGH_OPS, Calibrated, OpInfo, Progress, calibrate_all, calibrate_blob, float_op_count, keras_function,
                     latency_ratio, predict_blob, write_ranges)
 from .ranges import range_rule
 from .recipes import INT8_RECIPES, MIXED_SUFFIX, check_recipes, default_recipes, weight_fix_of
@@ -119,7 +119,8 @@ def fit_int8(
     """Build each calibrated format (name -> I/O dtype in `io_dtypes`) the best way `cfg` allows.
 
     Candidates: plain int8 of `onnx_artifact`; for a checkpoint (`loaded`), the weight fixes in
-    `cfg.methods`, each re-exported; every one calibrated on the same crops with each of its
+    `cfg.methods`, each written into the plain calibrated flatbuffer (`quant.constants`; re-exported
+    through ONNX only where a layer cannot be placed); every one calibrated on the same crops with each of its
     range methods (`cfg.ranges_of`); the best by search-crop shift is kept. With a budget that the
     best still misses and a mixed recipe in `cfg.methods`, the fewest float ops that meet it are searched
     (`search_mixed`). `also`: uncalibrated ExportFormats (fp32...) to convert from the plain
@@ -178,7 +179,8 @@ def fit_int8(
                 "not this network's; the generic methods remain")
             fixes = []
     if fixes:
-        variants = _fixed_weights(loaded, calib.crops, pre, fixes, cfg.equalize_alpha)
+        variants = _fixed_weights(loaded, inputs, fixes, cfg.equalize_alpha)
+        consts: ConstantMap | None = None  # where plain's layers sit in its flatbuffer, found once for every variant
         for k, m in enumerate(fixes):
             if cfg.max_seconds is not None and time.process_time() - c0 > cfg.max_seconds:
                 skipped = fixes[k:]
@@ -187,11 +189,21 @@ def fit_int8(
             fixed, names = next(variants)
             say(f"calibrating {m}")
             equalized = equalized or names
-            with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
-                from ..export.onnx import OnnxConfig, to_onnx
+            # A weight variant differs from plain only in constants: they are written into the plain
+            # calibrated flatbuffer and its ranges measured again (no ONNX export, no onnx2tf run); a
+            # constant that cannot be placed falls back to converting the variant.
+            try:
+                consts = consts or map_constants(plain.blob, loaded.inference_model())
+                blob = write_variant(consts, loaded.inference_model(), fixed.inference_model())
+                got = {m if r == "minmax" else f"{m}/{r}": c
+                       for r, c in calibrate_blob(blob, inputs, cfg.range_methods, plain.ops).items()}
+            except ConversionError as e:
+                say(f"{m}: weights not written into the converted model ({e}); converting it through ONNX")
+                with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
+                    from ..export.onnx import OnnxConfig, to_onnx
 
-                art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
-                got = calibrated(m, art)
+                    art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
+                    got = calibrated(m, art)
             cals.update(got)
             if learned and m == "bias":
                 # QAT's ranges on the bias-corrected weights too: no conversion, only the scales
@@ -300,15 +312,16 @@ def _labels(loaded: Any | None) -> list[str] | None:
     return conv_labels(loaded)
 
 
-def _fixed_weights(loaded: Any, crops: np.ndarray, pre: Preprocess, methods: Sequence[str], alpha: float) -> Iterator[tuple[Any, list[str]]]:
+def _fixed_weights(loaded: Any, inputs: np.ndarray, methods: Sequence[str], alpha: float) -> Iterator[tuple[Any, list[str]]]:
     """Copies of `loaded` with equalised (and, for equalize+bias, also bias-corrected) float
     weights, one per method in order; the equalisation is computed once and shared. "bias" is
-    bias correction of the weights as they are (for checkpoints whose ranges were learned)."""
+    bias correction of the weights as they are (for checkpoints whose ranges were learned).
+    `inputs`: the fit's preprocessed calibration crops (float32 NHWC)."""
     import torch
 
     from .equalize import EqualizeConfig, bias_correct, equalize
 
-    x = pre.apply_nchw(crops)
+    x = np.ascontiguousarray(inputs.transpose(0, 3, 1, 2))
     prev = torch.get_num_threads()
     torch.set_num_threads(1)  # small forwards: one thread avoids oversubscribing shared cores
     try:

@@ -144,7 +144,8 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
 
     from ..export.tflite import Captured
 
-    pcts = [range_rule(m) for m in methods]
+    for m in methods:
+        range_rule(m)  # an unknown method is refused before the conversion, not after
     if len(inputs) < 1:
         raise UsageError("calibration needs at least one input crop")
     conv = tf.lite.TFLiteConverter.from_concrete_functions([func], keras_model)
@@ -159,7 +160,14 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
             blob = bytes(conv.convert())
     except Exception as e:
         raise ConversionError(f"TFLite calibration failed ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
-    ops = list_ops(blob, labels)
+    return calibrate_blob(blob, inputs, methods, list_ops(blob, labels))
+
+
+def calibrate_blob(blob: bytes, inputs: np.ndarray, methods: Sequence[str], ops: list[OpInfo]) -> dict[str, Calibrated]:
+    """The range step of `calibrate_all` on a flatbuffer that already carries the converter's
+    statistics (its own, or a copy of it with other weights): one float run over `inputs`
+    measures every tensor, each of `methods` turns that into ranges. `ops`: `list_ops` of it."""
+    pcts = [range_rule(m) for m in methods]
     out = {}
     for m, ranges in zip(methods, measure_ranges_all(blob, inputs, pcts)):
         out[m] = Calibrated(blob=write_ranges(blob, ranges), ops=ops, method=m, faces=len(inputs), ranges=ranges)
