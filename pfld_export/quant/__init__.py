@@ -1,0 +1,1 @@
+"""int8 quantization of calibrated TFLite models: graph rewrites around the converter's quantizer."""
