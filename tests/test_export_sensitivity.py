@@ -211,5 +211,7 @@ def test_bias_corrected_candidates_are_told_apart_by_their_weight_fix() -> None:
     bias-corrected name (with or without equalisation, any range method) must count as not."""
     from pfld_export.export.mixed import _bias_corrected
 
-    assert all(_bias_corrected(m) for m in ("equalize+bias", "equalize+bias/mse", "bias", "bias/mse", "bias/qat-ranges"))
-    assert not any(_bias_corrected(m) for m in ("plain", "plain/mse", "qat-ranges", "equalize", "equalize/percentile:99.99"))
+    assert all(_bias_corrected(m) for m in ("equalize+bias", "equalize+bias/mse", "bias", "bias/mse", "bias/qat-ranges",
+                                            "bias+residual", "equalize+bias/mse+residual"))
+    assert not any(_bias_corrected(m) for m in ("plain", "plain/mse", "qat-ranges", "equalize", "equalize/percentile:99.99",
+                                                "plain+residual", "equalize/mse+residual"))
