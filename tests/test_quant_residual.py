@@ -15,7 +15,7 @@ from pfld_export.export.mixed import Calibrated, calibrate, predict_blob  # noqa
 from pfld_export.export.validate import shift_stats  # noqa: E402
 from pfld_export.preprocess import Preprocess  # noqa: E402
 from pfld_export.quant.residual import (  # noqa: E402
-    SUFFIX, NoResidualHead, ResidualCalibrated, add_mean, find_head, residual_variants, with_residual,
+    SUFFIX, NoResidualHead, ResidualCalibrated, ResidualConfig, add_mean, find_head, residual_variants, with_residual,
 )
 from pfld_export.runtime import open_predictor, tflite_interpreter_class  # noqa: E402
 
@@ -174,6 +174,18 @@ def _with_signature(blob: bytes) -> bytes:
     sig.outputs[0].name, sig.outputs[0].tensorIndex = b"landmarks", int(sg.outputs[0])
     model.signatureDefs = [sig]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def test_headroom_widens_the_residual_range(tiny: dict[str, Any]) -> None:
+    # A held-out face past the calibration faces' extremes must not be clipped: the range is
+    # the measured residual span plus `headroom` of it on each side (0 must stay inside).
+    pre, calib = tiny["pre"], tiny["calib"]
+    tight = with_residual(tiny["cal"], pre.apply(calib), ResidualConfig(headroom=0.0))
+    fc = next(o.tensor for o in tiny["cal"].ops if o.op == "FULLY_CONNECTED")
+    (lo0, hi0), (lo, hi) = tight.ranges[fc], tiny["res"].ranges[fc]
+    assert lo0 < 0 < hi0
+    pad = ResidualConfig().headroom * (hi0 - lo0)
+    assert ResidualConfig().headroom > 0 and lo == pytest.approx(lo0 - pad) and hi == pytest.approx(hi0 + pad)
 
 
 def test_int8_io_quantizes_the_unchanged_candidate(tiny: dict[str, Any]) -> None:
