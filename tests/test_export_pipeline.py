@@ -187,10 +187,15 @@ def test_full_int8_io_adds_only_output_rounding(converted: dict[str, Any]) -> No
     crops = converted["fit_crops"][:16]
     a = open_predictor(arts["int8"].path).predict(crops)
     b = open_predictor(arts["full-int8"].path).predict(crops)
-    step_px = arts["full-int8"].output_quant["scale"] * 112
+    q = arts["full-int8"].output_quant
+    step_px = q["scale"] * 112
     residual = read_sidecar(arts["int8"].path)["int8"]["mean_shape_residual"]  # type: ignore[index]
     assert residual == (rep.int8_fit is not None and rep.int8_fit.method.endswith("+residual"))
-    assert np.abs(a - b).max() <= (1.0 if residual else 0.5) * step_px + 1e-4
+    # A point outside the int8 output's range is clipped there; the residual model (its mean
+    # shape in float) is not held to the same clip, so such points are left out of its bound.
+    inside = (b > (-128 - q["zero_point"]) * step_px + 1e-3) & (b < (127 - q["zero_point"]) * step_px - 1e-3)
+    assert inside.mean() > 0.9 and (residual or inside.all())
+    assert np.abs(a - b)[inside].max() <= (1.0 if residual else 0.5) * step_px + 1e-4
 
 
 def test_budget_gate_matches_the_numbers(converted: dict[str, Any]) -> None:
