@@ -490,6 +490,11 @@ def _int8_recipe_lines(rep: Any) -> list[str]:
         if p is not None and s is not None and fit.method != "plain":
             lines.append(f"             {f.format}: plain int8 would give mean {p.mean_px:.3f} px, p99 {p.p99_px:.3f} px "
                          f"(this one {s.mean_px:.3f} / {s.p99_px:.3f})")
+    residual = getattr(fit, "residual", [])
+    if residual:
+        rest = [f.format for f in calibrated if f.format not in residual]
+        lines.append(f"             mean shape added back in float after the int8 residual: {', '.join(residual)}"
+                     + (f"; {', '.join(rest)} (int8 output) without it" if rest else ""))
     return lines
 
 

@@ -94,8 +94,10 @@ def test_convert_without_max_shift_checks_the_goal_and_only_warns(tmp_path: Path
 def test_bias_corrected_candidates_are_told_apart_by_their_weight_fix() -> None:
     """The mixed search also starts from the best float-preserving candidate; every
     bias-corrected name (with or without equalisation, any range method) must count as not."""
-    assert all(weight_fix_of(m).bias for m in ("equalize+bias", "equalize+bias/mse", "bias", "bias/mse", "bias/qat-ranges"))
-    assert not any(weight_fix_of(m).bias for m in ("plain", "plain/mse", "qat-ranges", "equalize", "equalize/percentile:99.99"))
+    assert all(weight_fix_of(m).bias for m in ("equalize+bias", "equalize+bias/mse", "bias", "bias/mse", "bias/qat-ranges",
+                                               "bias+residual", "equalize+bias/mse+residual", "bias+residual+mixed"))
+    assert not any(weight_fix_of(m).bias for m in ("plain", "plain/mse", "qat-ranges", "equalize", "equalize/percentile:99.99",
+                                                   "plain+residual", "equalize/mse+residual"))
     assert all(weight_fix_of(m).equalize for m in ("equalize", "equalize/mse+mixed", "equalize+mixed", "equalize+bias+mixed"))
     assert not any(weight_fix_of(m).equalize for m in ("plain+mixed", "bias/qat-ranges", "qat-ranges+mixed"))
 

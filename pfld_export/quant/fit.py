@@ -26,7 +26,8 @@ from .constants import ConstantMap, map_constants, write_variant
 from .graph import (PASSTHROUGH_OPS, Calibrated, OpInfo, Progress, calibrate_all, calibrate_blob, float_op_count, keras_function,
                     latency_ratio, predict_blob, write_ranges)
 from .ranges import range_rule
-from .recipes import INT8_RECIPES, MIXED_SUFFIX, check_recipes, default_recipes, weight_fix_of
+from .recipes import INT8_RECIPES, MIXED_SUFFIX, RESIDUAL_SUFFIX, check_recipes, default_recipes, weight_fix_of
+from .residual import residual_variants
 from .search import MixedConfig, search_mixed
 
 # Weight-fix candidates started after this many seconds of the fit's CPU time are skipped (and
@@ -86,6 +87,7 @@ class Int8Fit:
     plain_bytes: dict[str, int] = field(default_factory=dict)
     recipe: str = "methods"  # "default": convert's own choice of methods; "methods": --int8-method / a budget
     skipped: list[str] = field(default_factory=list)  # candidates the time cap left out
+    residual: list[str] = field(default_factory=list)  # formats whose float output adds the mean shape back
     seconds: float = 0.0  # wall time of the fit
     cpu_seconds: float = 0.0  # CPU time of the fit (what the cap counts)
     _blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # underscore: kept out of report.json
@@ -108,8 +110,10 @@ class Int8Fit:
 
     def sidecar(self) -> dict[str, dict[str, Any]]:
         """Extra sidecar keys per format: how its int8 model was built."""
-        info = {"method": self.method, "float_ops": list(self.float_ops), "equalized": bool(self.equalized) and weight_fix_of(self.method).equalize}
-        return {name: {"int8": info} for name in self._blobs}
+        info = {"float_ops": list(self.float_ops), "equalized": bool(self.equalized) and weight_fix_of(self.method).equalize}
+        # An int8-I/O format has no float output to add the mean shape to: it ships the candidate without it.
+        return {name: {"int8": {"method": self.method if name in self.residual else self.method.removesuffix(RESIDUAL_SUFFIX),
+                                "mean_shape_residual": name in self.residual, **info}} for name in self._blobs}
 
 
 def fit_int8(
@@ -211,6 +215,10 @@ def fit_int8(
                 # against 0.463 (qat-ranges) and 0.489 (best PTQ).
                 cals[f"{m}/qat-ranges"] = with_site_ranges(got.get(m) or next(iter(got.values())), learned)
     first_io = next(iter(io_dtypes.values()), "float32")
+    if first_io == "float32":
+        # Each candidate also with the mean-shape residual head (the float-I/O formats add the
+        # mean back in float; an int8-I/O format is quantized from the candidate as it is).
+        cals.update(residual_variants(cals, inputs, say))
     candidates = []
     for m, cal in cals.items():
         s = shift_stats(ref, predict_blob(cal.quantize((), first_io), pre, calib.crops))
@@ -248,7 +256,8 @@ def fit_int8(
     fit = Int8Fit(_blobs=blobs, method=best.method, float_ops=[o.label for o in float_ops],
                   float_op_types=float_op_count(next(iter(blobs.values()))) if blobs else {}, candidates=candidates,
                   met=met, search=f"{len(calib.crops)} calibration crops vs the float source", equalized=equalized,
-                  recipe=cfg.recipe, skipped=skipped, _uncalibrated=uncalibrated)
+                  recipe=cfg.recipe, skipped=skipped, _uncalibrated=uncalibrated,
+                  residual=[n for n, io in io_dtypes.items() if io == "float32" and best.method.endswith(RESIDUAL_SUFFIX)])
     for name, io in io_dtypes.items():
         base = compact_tflite(plain.quantize((), io))
         fit._plain[name] = base

@@ -22,7 +22,7 @@ The simulation mirrors what TFLite's int8 quantizer does to PFLD (`FakeQuantPFLD
   converter's own rule, or mse), re-measured every `range_every` steps as the weights move;
   or, with `learn_ranges`, trained (a log-scale factor per range, LSQ-style gradients) and
   carried in the checkpoint (`provenance.qat.ranges`), which `convert` writes into the int8
-  model (`export.mixed.with_site_ranges`).
+  model (`quant.fit.with_site_ranges`).
 Gradients pass the rounding straight through (STE). Measured (benchmarks/int8_fidelity.md):
 learned ranges from equalised weights took the 17-point fixture's real int8 shift from 1.67 to
 0.91 px, as good as the best post-training method and no better. Fixed ranges gain little:
@@ -249,7 +249,7 @@ class FakeQuantPFLD(nn.Module):
     @torch.no_grad()
     def observe_ranges(self, x: torch.Tensor, method: str = "minmax", chunk: int = 16) -> dict[str, tuple[float, float]]:
         """Activation ranges of the float network over `x` (NCHW): "minmax" (the converter's
-        rule) or "mse" (`mixed.calibrate`'s: min/max shrunk to the least int8 error)."""
+        rule) or "mse" (`quant.graph.calibrate`'s: min/max shrunk to the least int8 error)."""
         if method not in RANGE_METHODS:
             raise UsageError(f"QAT range method {method!r} unknown; choose {' or '.join(RANGE_METHODS)}")
         mode, self.mode, self.ranges = self.mode, "observe", {}
@@ -267,7 +267,7 @@ class FakeQuantPFLD(nn.Module):
 
 
 def site_of_label(op: str, label: str) -> str | None:
-    """The FakeQuantPFLD site whose range a TFLite op's output takes, from `mixed.list_ops`
+    """The FakeQuantPFLD site whose range a TFLite op's output takes, from `quant.graph.list_ops`
     labels (PyTorch layer names): convs and the FC by name, residual ADDs as "<block>.add", and
     everything the concat's one scale covers (the concat, the two MEANs, conv8 and its
     RESHAPE) as "concat". None for ops with no range of their own (PAD...)."""

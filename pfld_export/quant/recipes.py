@@ -65,6 +65,7 @@ INT8_RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
                summary="with a budget: the fewest sensitive ops kept float until it holds"),
 )}
 MIXED_SUFFIX = "+mixed"  # a candidate searched for float ops is named "<base candidate>+mixed"
+RESIDUAL_SUFFIX = "+residual"  # a candidate whose FC predicts the residual from the mean shape (quant.residual)
 
 
 def default_recipes(budget: bool) -> tuple[str, ...]:
@@ -92,7 +93,7 @@ def parse_recipes(text: str) -> tuple[str, ...]:
 def weight_fix_of(candidate: str) -> WeightFix:
     """The weight fix a fitted candidate was built with, from its name ("equalize+bias/mse",
     "bias/qat-ranges", "equalize+mixed"...): the part before the range method names it."""
-    base = candidate.split("/")[0].removesuffix(MIXED_SUFFIX)
+    base = candidate.split("/")[0].removesuffix(MIXED_SUFFIX).removesuffix(RESIDUAL_SUFFIX)
     recipe = INT8_RECIPES.get(base)
     if recipe is not None:
         return recipe.fix or NO_FIX
