@@ -183,6 +183,19 @@ def test_the_quant_package_imports_only_toward_its_leaves() -> None:
     assert not any(t.startswith(("pfld_export.export.pipeline", "pfld_export.cli")) for m in quant for t in graph[m])
 
 
+def test_the_quant_package_lists_its_modules_leaves_first() -> None:
+    """quant/__init__.py's module list is the import order a reader can rely on: each module
+    imports only modules listed above it, and every module is listed."""
+    doc = (PACKAGE / "quant" / "__init__.py").read_text(encoding="utf-8")
+    listed = [m.group(1) for m in re.finditer(r"^    (\w+)\s{2,}\S", doc, re.MULTILINE)]
+    files = sorted(p.stem for p in (PACKAGE / "quant").glob("*.py") if p.stem != "__init__")
+    assert sorted(listed) == files
+    graph = _import_graph(PACKAGE)
+    late = [f"{m} imports {t.rsplit('.', 1)[1]}" for i, m in enumerate(listed)
+            for t in graph[f"pfld_export.quant.{m}"] if t.startswith("pfld_export.quant.") and t.rsplit(".", 1)[1] not in listed[:i]]
+    assert late == [], "quant/__init__.py lists modules leaves first; move these below what they import:\n" + "\n".join(late)
+
+
 def test_the_cycle_check_sees_a_function_level_two_module_circle(tmp_path: Path) -> None:
     pkg = tmp_path / "probe"
     (pkg / "sub").mkdir(parents=True)

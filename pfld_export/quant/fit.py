@@ -200,7 +200,7 @@ def fit_int8(
                 consts = consts or map_constants(plain.blob, loaded.inference_model())
                 blob = write_variant(consts, loaded.inference_model(), fixed.inference_model())
                 got = {m if r == "minmax" else f"{m}/{r}": c
-                       for r, c in calibrate_blob(blob, inputs, cfg.range_methods, plain.ops).items()}
+                       for r, c in calibrate_blob(blob, inputs, cfg.ranges_of(m), plain.ops).items()}
             except ConversionError as e:
                 say(f"{m}: weights not written into the converted model ({e}); converting it through ONNX")
                 with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
