@@ -22,6 +22,30 @@ from .quant.budget import DEFAULT_MAX_FLOAT_OPS, DEFAULT_MAX_SLOWDOWN, P99_PER_M
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class RegistryChoice(click.Choice):
+    """A choice among the names of a registry (`module:NAME`, a dict or tuple), read when the
+    option is first parsed or shown: the registries live beside torch or OpenCV code that a
+    command not using them should not import, and the CLI never spells their names again."""
+
+    def __init__(self, where: str, case_sensitive: bool = True) -> None:
+        self.where = where  # "module:NAME"
+        self._names: tuple[str, ...] | None = None
+        super().__init__((), case_sensitive=case_sensitive)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            import importlib
+
+            module, name = self.where.split(":")
+            self._names = tuple(getattr(importlib.import_module(module), name))
+        return self._names
+
+    @choices.setter
+    def choices(self, _value: Any) -> None:  # click's __init__ assigns it; the registry decides
+        pass
+
+
 def friendly(fn: F) -> F:
     """Turn PfldError into `error: <message>` + its exit code, never a traceback."""
 
@@ -47,7 +71,33 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """The command group, with click's own usage errors (unknown option, bad choice, missing
+    argument) printed as one `error:` line naming the command's --help, like every other error."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.format_message(), err=True)  # a bare command: its help, as click shows it
+            sys.exit(e.exit_code)
+        except click.exceptions.UsageError as e:
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pfld-export")
 def main() -> None:
     """PFLD facial landmarks to phones: train, convert (ONNX/TFLite, int8), evaluate, benchmark."""
@@ -56,7 +106,7 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", default=None, type=click.Path(file_okay=False), help="Folder of face photos for the stage-0 measurement  [default: synthetic faces]")
-@click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation, instead of measuring it.")
+@click.option("--activation", type=RegistryChoice("pfld_export.model:ACTIVATIONS"), default=None, help="Activation, instead of measuring it.")
 @click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="bn8 applied or not, instead of reading/measuring it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @friendly
@@ -126,7 +176,7 @@ def _preprocess_options(fn: F) -> F:
 @click.option("--override-for", "override_for", type=click.Choice(["a", "b", "both"]), default="both", show_default=True,
               help="Which model --color/--mean/--std apply to.")
 @click.option("--limit", type=int, default=None, help="Use at most N faces (files in sorted order).")
-@click.option("--detector", default="yunet", show_default=True, help="Face detector: yunet, mtcnn (optional package), haar.")
+@click.option("--detector", type=RegistryChoice("pfld_export.detect:DETECTORS"), default="yunet", show_default=True, help="Face detector (mtcnn needs its optional package).")
 @click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Crop side / landmark-equivalent box side.")
 @click.option("--threads", type=int, default=None, help="Inference threads per model (default: the runtime's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -171,19 +221,19 @@ def _train_qat_options(fn: F) -> F:
 @click.option("--val-fraction", type=float, default=None, help="Share of --data held out for validation NME  [default: 0.1]")
 @click.option("--width", type=float, default=None, help="Width multiplier 0.25/0.5/0.75/1.0  [default: 0.25, or --init's]")
 @click.option("--points", type=int, default=None, help="Landmark count; must match the data layout  [default: the data's]")
-@click.option("--conv2", type=click.Choice(["full", "depthwise"]), default=None, help="conv2 kind  [default: full, or --init's]")
-@click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation: relu (PFLD-pytorch) or relu6 (the paper's MobileNetV2 blocks; bounded, so tighter int8 ranges; not measured against relu yet)  [default: relu, or --init's]")
+@click.option("--conv2", type=RegistryChoice("pfld_export.model:CONV2_KINDS"), default=None, help="conv2 kind  [default: full, or --init's]")
+@click.option("--activation", type=RegistryChoice("pfld_export.model:ACTIVATIONS"), default=None, help="Activation: relu (PFLD-pytorch) or relu6 (the paper's MobileNetV2 blocks; bounded, so tighter int8 ranges; at 0.25X not better than relu at equal NME: benchmarks/int8_fidelity.md)  [default: relu, or --init's]")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
 @click.option("--batch", type=int, default=None, help="GLOBAL batch size: under torchrun it is split over the processes (batch / N each), so a step averages the same number of faces on any N  [default: 256 on real data, 32 on synthetic]")
 @click.option("--lr", type=float, default=None, help="Adam learning rate, never scaled for you: with a bigger --batch raise it yourself  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
 @click.option("--weight-decay", type=float, default=None, help="Adam weight decay  [default: 1e-6]")
-@click.option("--loss", type=click.Choice(["pfld", "l2", "wing"]), default=None, help="pfld (pose+attribute weighted L2), l2 or wing  [default: pfld]")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning-rate schedule after a short warm-up  [default: cosine]")
+@click.option("--loss", type=RegistryChoice("pfld_export.loss:LOSSES"), default=None, help="pfld (pose+attribute weighted L2), l2 or wing  [default: pfld]")
+@click.option("--schedule", type=RegistryChoice("pfld_export.train:SCHEDULES"), default=None, help="Learning-rate schedule after a short warm-up  [default: cosine]")
 @click.option("--out", "out", default="out/train", show_default=True, type=click.Path(file_okay=False), help="Folder for best.pth, last.pth, history.json.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a run from its last.pth (optimizer, schedule, epoch).")
 @click.option("--init", type=click.Path(dir_okay=False), default=None, help="Fine-tune from any PFLD checkpoint (new head if the point count differs).")
 @click.option("--seed", type=int, default=None, help="Seed for weights, split, order and augmentation  [default: 0]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA if present.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if present.")
 @click.option("--workers", type=click.IntRange(0, 1), default=0, show_default=True, help="DataLoader worker processes (0 or 1 on 2 cores).")
 @click.option("--threads", type=int, default=None, help="torch threads while training  [default: 1 on <= 2 cores or a busy machine, else one per core]")
 @click.option("--no-augment", is_flag=True, help="Plain 1.2x crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
@@ -331,7 +381,7 @@ def _recipe_help() -> str:
 @click.option("--max-float-ops", type=int, default=DEFAULT_MAX_FLOAT_OPS, show_default=True, help="Most ops mixed precision may keep in float.")
 @click.option("--max-slowdown", type=float, default=DEFAULT_MAX_SLOWDOWN, show_default=True, help="Latency mixed precision may add, as a ratio to the all-int8 model (XNNPACK, 1 thread).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float model to measure shifts and NME increase against instead of MODEL's own float (e.g. the teacher of a `pfld-export qat` checkpoint).")
-@click.option("--activation", type=click.Choice(["relu", "relu6"]), default=None, help="Activation the checkpoint was trained with  [default: measured in stage 0]")
+@click.option("--activation", type=RegistryChoice("pfld_export.model:ACTIVATIONS"), default=None, help="Activation the checkpoint was trained with  [default: measured in stage 0]")
 @click.option("--bn8", type=click.Choice(["on", "off"]), default=None, help="Whether the checkpoint's forward applies bn8 after conv8  [default: read from its statistics, measured where they cannot tell]")
 @click.option("--reference-onnx", type=click.Path(dir_okay=False), default=None, help="The checkpoint author's own ONNX export: stage 0 refuses to convert unless our network reproduces it (1e-4).")
 @click.option("--model-class", default=None, help="Your own network for a checkpoint outside the PFLD family: path/to/models.py:ClassName (its code is imported only with this flag).")
@@ -519,7 +569,7 @@ def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: st
               help="Folder for overlays, predictions.json, output videos and the grid.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions JSON instead of a summary table.")
 @click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Crop side / landmark-equivalent box side.")
-@click.option("--detector", default="yunet", show_default=True, help="Face detector: yunet, mtcnn (optional package), haar.")
+@click.option("--detector", type=RegistryChoice("pfld_export.detect:DETECTORS"), default="yunet", show_default=True, help="Face detector (mtcnn needs its optional package).")
 @click.option("--min-score", type=float, default=None, help="Detector score threshold (default: the detector's own).")
 @click.option("--grid", is_flag=True, help="Also write a contact sheet of all overlays (needs --out).")
 @click.option("--frame-step", default=1, show_default=True, type=int, help="Videos: predict every N-th frame.")
@@ -598,10 +648,10 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
 @click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
 @click.option("--batch", type=int, default=None, help="Batch size  [default: 32]")
 @click.option("--lr", type=float, default=None, help="Adam learning rate  [default: 2e-3]")
-@click.option("--loss", type=click.Choice(["pfld", "l2", "wing"]), default=None, help="pfld weights by the teacher-derived pose  [default: pfld]")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None, help="Learning-rate schedule  [default: cosine]")
+@click.option("--loss", type=RegistryChoice("pfld_export.loss:LOSSES"), default=None, help="pfld weights by the teacher-derived pose  [default: pfld]")
+@click.option("--schedule", type=RegistryChoice("pfld_export.train:SCHEDULES"), default=None, help="Learning-rate schedule  [default: cosine]")
 @click.option("--val-fraction", type=float, default=None, help="Share of each source's images held out; val NME = agreement with the teacher  [default: 0.1]")
-@click.option("--detector", default="yunet", show_default=True, help="Face detector for photo folders: yunet, mtcnn, haar.")
+@click.option("--detector", type=RegistryChoice("pfld_export.detect:DETECTORS"), default="yunet", show_default=True, help="Face detector for photo folders.")
 @click.option("--crop-scale", default=1.2, show_default=True, type=float, help="Teacher crop side / the detector's landmark-equivalent box.")
 @click.option("--no-refine", is_flag=True, help="Label from the detector crop alone (default: a second teacher look at the box of its own points).")
 @click.option("--no-augment", is_flag=True, help="Plain crops (no rotation/shift/scale/mirror/colour/blur/occlusion).")
@@ -609,7 +659,7 @@ def sensitivity(model: str, calib: str | None, images: str | None, calib_count: 
               help="Folder for best.pth, last.pth, history.json and the cached teacher labels.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a distil run from its last.pth.")
 @click.option("--seed", type=int, default=None, help="Seed for weights, split, mixing, order and augmentation  [default: 0]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto = CUDA if present.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto = CUDA if present.")
 @click.option("--workers", type=click.IntRange(0, 1), default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", type=click.IntRange(1, None), default=None, help="torch threads while training  [default: as train]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where generated synthetic sets are kept.")

@@ -33,6 +33,7 @@ HeadKind = Literal["pool", "flatten"]
 WIDTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 INPUT_SIZE = 112
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+CONV2_KINDS: tuple[str, ...] = ("full", "depthwise")  # conv2: a full 3x3 conv or a depthwise one
 HEADS: tuple[str, ...] = ("pool", "flatten")
 
 # The layers whose output channels `ModelConfig.channels` lists, in this order: name, channels
@@ -128,8 +129,8 @@ class ModelConfig:
             raise UsageError(f"width must be positive, got {self.width}")
         if self.points < 1:
             raise UsageError(f"points must be a positive count, got {self.points}")
-        if self.conv2 not in ("full", "depthwise"):
-            raise UsageError(f"conv2 must be 'full' or 'depthwise', got {self.conv2!r}")
+        if self.conv2 not in CONV2_KINDS:
+            raise UsageError(f"conv2 must be one of {', '.join(CONV2_KINDS)}, got {self.conv2!r}")
         if self.activation not in ACTIVATIONS:
             raise UsageError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.head not in HEADS:

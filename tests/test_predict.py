@@ -190,7 +190,7 @@ def test_cli_predict_json_and_errors(tmp_path: Path, tiny_model: Path) -> None:
         (["predict", str(tmp_path / "nope.pth"), str(tmp_path / "face.png")], 2, "does not exist"),
         (["predict", str(tiny_model), str(tmp_path / "face.png"), "--grid"], 2, "--out"),
         (["predict", str(tiny_model), str(tmp_path / "face.png"), "--mean", "abc"], 2, "--mean"),
-        (["predict", str(tiny_model), str(tmp_path / "face.png"), "--detector", "nope"], 2, "unknown detector"),
+        (["predict", str(tiny_model), str(tmp_path / "face.png"), "--detector", "nope"], 2, "yunet"),
     ]:
         r = runner.invoke(main, args)
         assert r.exit_code == code, (args, r.output)
