@@ -9,7 +9,7 @@ import pytest
 from pfld_export.data.synthetic import (
     ANNOTATION_NAME,
     SyntheticConfig,
-    _clip_near,
+    clip_near,
     face_rng,
     generate,
     mean_face_98,
@@ -133,10 +133,10 @@ def test_faces_whose_shoulders_reach_behind_the_camera_still_render(seed: int, i
 def test_near_plane_clipping_cuts_only_what_is_behind() -> None:
     rot, t = np.eye(3), np.array([0.0, 0.0, 10.0])
     square = np.array([[-1.0, -1.0, 0.0], [1.0, -1.0, 0.0], [1.0, 1.0, 0.0], [-1.0, 1.0, 0.0]])
-    assert _clip_near(square, rot, t) is square  # wholly in front: untouched, so old faces render byte for byte
+    assert clip_near(square, rot, t) is square  # wholly in front: untouched, so old faces render byte for byte
     tilted = square.copy()
     tilted[2:, 2] = -9.8  # the far edge at camera depth 0.2 < the near plane (0.5)
-    cut = _clip_near(tilted, rot, t)
+    cut = clip_near(tilted, rot, t)
     assert len(cut) == 4 and np.all(cut @ rot.T[:, 2] + t[2] >= 0.5 - 1e-9)
     assert np.allclose(sorted(cut[:, 0]), [-1, -1, 1, 1])
-    assert len(_clip_near(square - [0, 0, 20.0], rot, t)) == 0  # wholly behind
+    assert len(clip_near(square - [0, 0, 20.0], rot, t)) == 0  # wholly behind

@@ -28,6 +28,15 @@ def test_no_private_name_is_imported_across_modules() -> None:
     assert offenders == [], "a name used by another module is part of its API: drop the underscore\n" + "\n".join(offenders)
 
 
+def test_tests_use_public_names_and_share_helpers_through_conftest() -> None:
+    tests = sorted(Path(__file__).parent.glob("*.py"))
+    private = [hit for f in tests for hit in _private_imports(f) if " from pfld_export" in hit]
+    assert private == [], "tests use the package's public names:\n" + "\n".join(private)
+    siblings = [f"{f.name}:{n.lineno}" for f in tests for n in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
+                if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[-1].startswith("test_")]
+    assert siblings == [], "shared test helpers go to conftest.py, not imported from another test file:\n" + "\n".join(siblings)
+
+
 def test_the_check_sees_a_function_level_private_import(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("from .io import atomic_path\n\n\ndef f():\n    from .io import _temp_beside\n    return _temp_beside\n")

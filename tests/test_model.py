@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pfld_export.errors import UsageError
-from pfld_export.model import WIDTHS, LandmarkModel, ModelConfig, _make_divisible, build_model, count_parameters, macs
+from pfld_export.model import WIDTHS, LandmarkModel, ModelConfig, build_model, count_parameters, macs, scaled_channels
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -15,7 +15,7 @@ def test_shapes_for_each_width_and_point_count(width: float, points: int) -> Non
     aux.eval()
     tap, lm = pfld(torch.rand(2, 3, 112, 112))
     assert lm.shape == (2, 2 * points)
-    assert tap.shape == (2, _make_divisible(64 * width), 28, 28)
+    assert tap.shape == (2, scaled_channels(64, width), 28, 28)
     assert aux(tap).shape == (2, 3)
 
 

@@ -451,7 +451,7 @@ def _spline(pts: np.ndarray, closed: bool, per: int = 6) -> np.ndarray:
 
 
 def _fill(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...] | float) -> None:
-    if len(pts) < 3:  # a silhouette wholly behind the camera's near plane (`_clip_near`)
+    if len(pts) < 3:  # a silhouette wholly behind the camera's near plane (`clip_near`)
         return
     cv2.fillPoly(img, [_fx(pts)], _col(color), cv2.LINE_AA, _SHIFT)
 
@@ -615,7 +615,7 @@ def _c(v: np.ndarray | tuple[float, ...], k: float = 1.0, add: float = 0.0) -> t
     return (float(a[0]), float(a[1]), float(a[2]))
 
 
-def _clip_near(poly: np.ndarray, rot: np.ndarray, t: np.ndarray, near_fraction: float = 0.05) -> np.ndarray:
+def clip_near(poly: np.ndarray, rot: np.ndarray, t: np.ndarray, near_fraction: float = 0.05) -> np.ndarray:
     """The closed polygon `poly` (object points [N, 3]) cut to the part at camera depth >=
     near_fraction x the face's depth (Sutherland-Hodgman against one plane), in object points.
     A polygon wholly in front comes back unchanged (the same array), so faces that never met
@@ -700,7 +700,7 @@ def _projections(rot: np.ndarray, t: np.ndarray, size: int) -> tuple[Projection,
         Shoulders reach 40 units below the chin; a strongly pitched face placed close to the
         camera can put them behind it (measured: 2 faces in 9,000, e.g. seed 5 face 636).
         """
-        return P(_clip_near(np.asarray(x, np.float64).reshape(-1, 3), rot, t))
+        return P(clip_near(np.asarray(x, np.float64).reshape(-1, 3), rot, t))
 
     return P, P_fill
 
