@@ -265,3 +265,24 @@ def tiny() -> Iterator[dict[str, Any]]:
     cal = calibrate(None, func, pre.apply(calib))
     ref = np.stack([net(pre.apply(val)[i : i + 1]).numpy().reshape(TINY_POINTS, 2) * 112 for i in range(len(val))])
     yield {"cal": cal, "pre": pre, "val": val, "ref": ref, "calib": calib}
+
+
+def synthetic_face(index: int = 0, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A procedural face (image BGR, 98 points) that is always available (no fixtures needed)."""
+    from pfld_export.data.synthetic import SyntheticConfig, face_rng, render_face
+
+    cfg = SyntheticConfig(max_yaw=20, max_pitch=10, max_roll=10, occlusion_prob=0, blur_prob=0,
+                          face_fraction=(0.4, 0.55))
+    img, pts, _, _ = render_face(face_rng(7, index), cfg, image_size=size)
+    return img, pts
+
+
+def annotated_faces(fixtures: Path) -> list[tuple[Path, np.ndarray]]:
+    """(image, points) of every annotated fixture face: the wflw98 list file and ibug68 .pts."""
+    from pfld_export.data.ibug import load_300w
+    from pfld_export.data.wflw import load_wflw
+
+    wflw, p1 = load_wflw(fixtures / "wflw98" / "list_98pt_rect_attr_test.txt")
+    ibug, p2 = load_300w(fixtures / "ibug68")
+    assert not p1 and not p2, p1 + p2
+    return [(Path(r.image_path), np.asarray(r.points, np.float64)) for r in wflw + ibug]

@@ -14,31 +14,10 @@ from pfld_export.detect import (DETECTORS, Box, BoxCalibration, Resize, as_bgr8,
                                 detect_resized, faces_in_folder, make_detector, match_iou, read_image, square)
 from pfld_export.errors import DataError, UsageError
 
-from .conftest import fixture_path
+from .conftest import annotated_faces, fixture_path, synthetic_face
 
 
 # ------------------------------------------------------------------ helpers shared with other tests
-
-
-def synthetic_face(index: int = 0, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """A procedural face (image BGR, 98 points) that is always available (no fixtures needed)."""
-    from pfld_export.data.synthetic import SyntheticConfig, face_rng, render_face
-
-    cfg = SyntheticConfig(max_yaw=20, max_pitch=10, max_roll=10, occlusion_prob=0, blur_prob=0,
-                          face_fraction=(0.4, 0.55))
-    img, pts, _, _ = render_face(face_rng(7, index), cfg, image_size=size)
-    return img, pts
-
-
-def annotated_faces(fixtures: Path) -> list[tuple[Path, np.ndarray]]:
-    """(image, points) of every annotated fixture face: the wflw98 list file and ibug68 .pts."""
-    from pfld_export.data.ibug import load_300w
-    from pfld_export.data.wflw import load_wflw
-
-    wflw, p1 = load_wflw(fixtures / "wflw98" / "list_98pt_rect_attr_test.txt")
-    ibug, p2 = load_300w(fixtures / "ibug68")
-    assert not p1 and not p2, p1 + p2
-    return [(Path(r.image_path), np.asarray(r.points, np.float64)) for r in wflw + ibug]
 
 
 # ------------------------------------------------------------------ geometry

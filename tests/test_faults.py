@@ -24,7 +24,7 @@ from pfld_export.errors import CheckpointError as ModelFileError, UsageError as 
 from pfld_export.model import ModelConfig, build_model
 from pfld_export.preprocess import Preprocess
 
-from .test_detect import synthetic_face
+from .conftest import synthetic_face
 
 
 def _run(args: list[str]) -> Result:

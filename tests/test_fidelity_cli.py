@@ -18,7 +18,7 @@ from pfld_export.predict import FidelityConfig, fidelity_on_folder
 from pfld_export.preprocess import Preprocess
 
 from .conftest import fixture_path
-from .test_detect import synthetic_face
+from .conftest import synthetic_face
 
 
 def _save(path: Path, seed: int, points: int = 98) -> Path:

@@ -23,7 +23,7 @@ from pfld_export.preprocess import Preprocess
 from pfld_export.runtime import open_predictor
 
 from .conftest import fixture_path
-from .test_detect import annotated_faces, synthetic_face
+from .conftest import annotated_faces, synthetic_face
 
 GHOSTONE = ("checkpoints", "pfld_ghostone_98pt.onnx")
 
