@@ -274,7 +274,7 @@ def _calibrated_variant(
         consts = consts or map_constants(plain.blob, run.loaded.inference_model())
         blob = write_variant(consts, run.loaded.inference_model(), fixed.inference_model())
         got = {m if r == "minmax" else f"{m}/{r}": c
-               for r, c in calibrate_blob(blob, run.inputs, run.cfg.range_methods, plain.ops).items()}
+               for r, c in calibrate_blob(blob, run.inputs, run.cfg.ranges_of(m), plain.ops).items()}
     except ConversionError as e:
         run.say(f"{m}: weights not written into the converted model ({e}); converting it through ONNX")
         with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
