@@ -6,8 +6,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "pfld_export"
 
 
@@ -59,7 +57,6 @@ def _long_functions(path: Path, rel: str, limit: int = MAX_LINES) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=False, reason="export/mixed.py fit_int8 and qat.py _qat are over 80 lines")
 def test_functions_are_short_or_say_why() -> None:
     offenders = [hit for f in sorted(PACKAGE.rglob("*.py")) for hit in _long_functions(f, f.relative_to(PACKAGE.parent).as_posix())]
     assert offenders == [], (f"functions over {MAX_LINES} lines: split them, or say why not in the docstring "

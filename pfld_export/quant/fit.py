@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -116,6 +116,39 @@ class Int8Fit:
                                 "mean_shape_residual": name in self.residual, **info}} for name in self._blobs}
 
 
+@dataclass
+class _FitRun:
+    """What every step of one fit reads: its inputs, the search crops' reference landmarks, the
+    progress line, and the uncalibrated formats converted on the way."""
+
+    loaded: Any | None
+    onnx_artifact: Any
+    calib: Any
+    cfg: Int8Config
+    say: Progress
+    inputs: np.ndarray  # the calibration crops, preprocessed (float32 NHWC)
+    ref: np.ndarray  # the reference's landmarks on the calibration crops
+    labels: list[str] | None
+    t0: float  # wall clock at the start of the fit
+    c0: float  # CPU clock at the start of the fit (what the cap counts)
+    uncalibrated: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def pre(self) -> Any:
+        """The converted model's preprocessing (crops to its input)."""
+        return self.onnx_artifact.preprocess
+
+    def calibrated(self, name: str, art: Any, formats: Sequence[Any] = ()) -> dict[str, Calibrated]:
+        """One Keras conversion, one calibration run for every range method: "name" for minmax, "name/mse"..."""
+        from ..export.tflite import convert_one, compact_tflite
+
+        keras_model, func = keras_function(art, self.inputs)
+        for fmt in formats:
+            self.uncalibrated[fmt.name] = compact_tflite(convert_one(func, keras_model, fmt, self.inputs))
+        got = calibrate_all(keras_model, func, self.inputs, self.cfg.ranges_of(name), self.labels)
+        return {name if r == "minmax" else f"{name}/{r}": c for r, c in got.items()}
+
+
 def fit_int8(
     loaded: Any | None, onnx_artifact: Any, calib: Any, io_dtypes: dict[str, str], reference: Any, cfg: Int8Config,
     progress: Progress | None = None, also: Sequence[Any] = (),
@@ -132,34 +165,49 @@ def fit_int8(
     caps the fit's CPU time (see DEFAULT_MAX_SECONDS): a weight-fix candidate is not started after it (named in `skipped`).
     Nothing is written here.
     """
-    from ..export.tflite import convert_one, compact_tflite
-
     t0, c0 = time.perf_counter(), time.process_time()
-    say = progress or (lambda _m: None)
-    pre = onnx_artifact.preprocess
-    inputs = calib.inputs(pre)
-    ref = reference.predict(calib.crops)
-    labels = _labels(loaded)
-    uncalibrated: dict[str, bytes] = {}
+    run = _FitRun(loaded=loaded, onnx_artifact=onnx_artifact, calib=calib, cfg=cfg, say=progress or (lambda _m: None),
+                  inputs=calib.inputs(onnx_artifact.preprocess), ref=reference.predict(calib.crops), labels=_labels(loaded),
+                  t0=t0, c0=c0)
+    cals, plain, learned = _plain_candidates(run, also)
+    fixes = _weight_fixes(run, learned)
+    equalized, skipped = _fix_candidates(run, fixes, plain, learned, cals) if fixes else ([], [])
+    first_io = next(iter(io_dtypes.values()), "float32")
+    if first_io == "float32":
+        # Each candidate also with the mean-shape residual head (the float-I/O formats add the
+        # mean back in float; an int8-I/O format is quantized from the candidate as it is).
+        cals.update(residual_variants(cals, run.inputs, run.say))
+    candidates = _measured(run, cals, first_io)
+    budget = MixedConfig(budget=cfg.budget, io_dtype=first_io) if cfg.budget.max_shift_px is not None else None
+    best = min(candidates, key=_rank_key(cfg, budget))
+    cal = cals[best.method]
+    float_ops: list[OpInfo] = []
+    met = None if budget is None else cfg.budget.meets(best.shift)
+    if budget is not None and not met and any(INT8_RECIPES[m].mixed for m in cfg.methods):
+        best, cal, float_ops, met = _mixed_search(run, cals, candidates, budget, best, cal, first_io)
+    return _assembled(run, io_dtypes, plain, best, cal, float_ops, met, candidates, equalized, skipped)
 
-    def calibrated(name: str, art: Any, formats: Sequence[Any] = ()) -> dict[str, Calibrated]:
-        """One Keras conversion, one calibration run for every range method: "name" for minmax, "name/mse"..."""
-        keras_model, func = keras_function(art, inputs)
-        for fmt in formats:
-            uncalibrated[fmt.name] = compact_tflite(convert_one(func, keras_model, fmt, inputs))
-        got = calibrate_all(keras_model, func, inputs, cfg.ranges_of(name), labels)
-        return {name if r == "minmax" else f"{name}/{r}": c for r, c in got.items()}
 
-    say("calibrating plain int8")
-    cals: dict[str, Calibrated] = calibrated("plain", onnx_artifact, [f for f in also if not f.calibrated])
+def _plain_candidates(
+    run: _FitRun, also: Sequence[Any],
+) -> tuple[dict[str, Calibrated], Calibrated, dict[str, tuple[float, float]] | None]:
+    """Plain int8 calibrated with each range method (the uncalibrated formats of `also` converted
+    on the way) and, for a learned-ranges QAT checkpoint, plain with those ranges: the candidates,
+    the plain model the others are compared with, and the learned ranges."""
+    run.say("calibrating plain int8")
+    cals: dict[str, Calibrated] = run.calibrated("plain", run.onnx_artifact, [f for f in also if not f.calibrated])
     plain = cals.get("plain") or next(iter(cals.values()))  # minmax if asked for, else the first range method
-    learned = learned_qat_ranges(loaded)
+    learned = learned_qat_ranges(run.loaded)
     if learned:
-        say("writing the ranges QAT learned into the int8 model")
+        run.say("writing the ranges QAT learned into the int8 model")
         cals["qat-ranges"] = with_site_ranges(plain, learned)
-    equalized: list[str] = []
-    fixes = [m for m in cfg.methods if weight_fix_of(m).rewrites]  # in the asked order: the cap cuts from the end
-    skipped: list[str] = []
+    return cals, plain, learned
+
+
+def _weight_fixes(run: _FitRun, learned: dict[str, tuple[float, float]] | None) -> list[str]:
+    """The weight fixes of `cfg.methods` this source can take, in the order they are tried."""
+    loaded, say = run.loaded, run.say
+    fixes = [m for m in run.cfg.methods if weight_fix_of(m).rewrites]  # in the asked order: the cap cuts from the end
     if learned and fixes:
         # Learned ranges belong to the checkpoint's own activations: equalising again rescales
         # channels under them (measured on a ranges-only 1X checkpoint: 0.61 px vs 0.35 on the
@@ -182,90 +230,133 @@ def fit_int8(
             say("weight fixes skipped: equalise / bias correction are written for PFLD-pytorch's anatomy, "
                 "not this network's; the generic methods remain")
             fixes = []
-    if fixes:
-        variants = _fixed_weights(loaded, inputs, fixes, cfg.equalize_alpha)
-        consts: ConstantMap | None = None  # where plain's layers sit in its flatbuffer, found once for every variant
-        for k, m in enumerate(fixes):
-            if cfg.max_seconds is not None and time.process_time() - c0 > cfg.max_seconds:
-                skipped = fixes[k:]
-                say(f"time cap {cfg.max_seconds:.0f} s of CPU reached: {', '.join(skipped)} not tried")
-                break
-            fixed, names = next(variants)
-            say(f"calibrating {m}")
-            equalized = equalized or names
-            # A weight variant differs from plain only in constants: they are written into the plain
-            # calibrated flatbuffer and its ranges measured again (no ONNX export, no onnx2tf run); a
-            # constant that cannot be placed falls back to converting the variant.
-            try:
-                consts = consts or map_constants(plain.blob, loaded.inference_model())
-                blob = write_variant(consts, loaded.inference_model(), fixed.inference_model())
-                got = {m if r == "minmax" else f"{m}/{r}": c
-                       for r, c in calibrate_blob(blob, inputs, cfg.ranges_of(m), plain.ops).items()}
-            except ConversionError as e:
-                say(f"{m}: weights not written into the converted model ({e}); converting it through ONNX")
-                with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
-                    from ..export.onnx import OnnxConfig, to_onnx
+    return fixes
 
-                    art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=onnx_artifact.source))
-                    got = calibrated(m, art)
-            cals.update(got)
-            if learned and m == "bias":
-                # QAT's ranges on the bias-corrected weights too: no conversion, only the scales
-                # differ. Measured on a ranges-only 0.25X checkpoint: chosen, 0.457 px held-out
-                # against 0.463 (qat-ranges) and 0.489 (best PTQ).
-                cals[f"{m}/qat-ranges"] = with_site_ranges(got.get(m) or next(iter(got.values())), learned)
-    first_io = next(iter(io_dtypes.values()), "float32")
-    if first_io == "float32":
-        # Each candidate also with the mean-shape residual head (the float-I/O formats add the
-        # mean back in float; an int8-I/O format is quantized from the candidate as it is).
-        cals.update(residual_variants(cals, inputs, say))
+
+def _fix_candidates(
+    run: _FitRun, fixes: list[str], plain: Calibrated, learned: dict[str, tuple[float, float]] | None,
+    cals: dict[str, Calibrated],
+) -> tuple[list[str], list[str]]:
+    """Calibrate each weight fix in turn into `cals` until the CPU cap; returns the tensors
+    equalisation rescaled and the fixes the cap left out."""
+    cfg, say = run.cfg, run.say
+    equalized: list[str] = []
+    skipped: list[str] = []
+    variants = _fixed_weights(run.loaded, run.inputs, fixes, cfg.equalize_alpha)
+    consts: ConstantMap | None = None  # where plain's layers sit in its flatbuffer, found once for every variant
+    for k, m in enumerate(fixes):
+        if cfg.max_seconds is not None and time.process_time() - run.c0 > cfg.max_seconds:
+            skipped = fixes[k:]
+            say(f"time cap {cfg.max_seconds:.0f} s of CPU reached: {', '.join(skipped)} not tried")
+            break
+        fixed, names = next(variants)
+        say(f"calibrating {m}")
+        equalized = equalized or names
+        got, consts = _calibrated_variant(run, m, fixed, plain, consts)
+        cals.update(got)
+        if learned and m == "bias":
+            # QAT's ranges on the bias-corrected weights too: no conversion, only the scales
+            # differ. Measured on a ranges-only 0.25X checkpoint: chosen, 0.457 px held-out
+            # against 0.463 (qat-ranges) and 0.489 (best PTQ).
+            cals[f"{m}/qat-ranges"] = with_site_ranges(got.get(m) or next(iter(got.values())), learned)
+    return equalized, skipped
+
+
+def _calibrated_variant(
+    run: _FitRun, m: str, fixed: Any, plain: Calibrated, consts: ConstantMap | None,
+) -> tuple[dict[str, Calibrated], ConstantMap | None]:
+    """Weight variant `fixed` of fix `m` calibrated with each range method, and the constant map
+    of plain's flatbuffer (found on first use, kept for the next variant)."""
+    # A weight variant differs from plain only in constants: they are written into the plain
+    # calibrated flatbuffer and its ranges measured again (no ONNX export, no onnx2tf run); a
+    # constant that cannot be placed falls back to converting the variant.
+    try:
+        consts = consts or map_constants(plain.blob, run.loaded.inference_model())
+        blob = write_variant(consts, run.loaded.inference_model(), fixed.inference_model())
+        got = {m if r == "minmax" else f"{m}/{r}": c
+               for r, c in calibrate_blob(blob, run.inputs, run.cfg.ranges_of(m), plain.ops).items()}
+    except ConversionError as e:
+        run.say(f"{m}: weights not written into the converted model ({e}); converting it through ONNX")
+        with tempfile.TemporaryDirectory(prefix="pfld-fix-") as tmp:
+            from ..export.onnx import OnnxConfig, to_onnx
+
+            art = to_onnx(fixed, OnnxConfig(path=Path(tmp) / "fixed.onnx", source=run.onnx_artifact.source))
+            got = run.calibrated(m, art)
+    return got, consts
+
+
+def _measured(run: _FitRun, cals: dict[str, Calibrated], first_io: str) -> list[Int8Candidate]:
+    """Every calibrated candidate's landmark shift on the search crops, in `cals` order."""
     candidates = []
     for m, cal in cals.items():
-        s = shift_stats(ref, predict_blob(cal.quantize((), first_io), pre, calib.crops))
+        s = shift_stats(run.ref, predict_blob(cal.quantize((), first_io), run.pre, run.calib.crops))
         candidates.append(Int8Candidate(m, s))
-        say(f"{m}: mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on the search crops")
-    budget = MixedConfig(budget=cfg.budget, io_dtype=first_io) if cfg.budget.max_shift_px is not None else None
-    rank_key = (lambda c: cfg.budget.score(c.shift)) if budget else (lambda c: c.shift.mean_px)
-    best = min(candidates, key=rank_key)
-    cal = cals[best.method]
-    float_ops: list[OpInfo] = []
-    met = None if budget is None else cfg.budget.meets(best.shift)
-    if budget is not None and not met and any(INT8_RECIPES[m].mixed for m in cfg.methods):
-        from .sensitivity import measure_layers, ranking
+        run.say(f"{m}: mean {s.mean_px:.3f} px, p99 {s.p99_px:.3f} px on the search crops")
+    return candidates
 
-        # Bias correction changes the float network on purpose, so floating ops of that variant
-        # can never get below its float drift (measured: 0.46 px with 60 float ops on the
-        # 17-point fixture); the best float-preserving variant is searched as well.
-        bases = [best.method]
-        exact = [c for c in candidates if not weight_fix_of(c.method).bias]
-        if weight_fix_of(best.method).bias and exact:
-            bases.append(min(exact, key=rank_key).method)
-        k = min(len(calib.crops), RANKING_CROPS)
-        for base in bases:
-            say(f"ranking ops of {base} for mixed precision")
-            sens = measure_layers(cals[base], ref[:k], calib.crops[:k], pre, first_io)
-            res = search_mixed(cals[base], ranking(sens), ref, calib.crops, pre, budget, progress=say)
-            cand = Int8Candidate(f"{base}{MIXED_SUFFIX}", res.shift, [o.label for o in res.float_ops])
-            candidates.append(cand)
-            if cfg.budget.score(res.shift) < cfg.budget.score(best.shift):
-                best, cal, float_ops, met = cand, cals[base], res.float_ops, res.met
-            if met:
-                break
+
+def _rank_key(cfg: Int8Config, budget: MixedConfig | None) -> Callable[[Int8Candidate], float]:
+    """How candidates are ranked: the budget's score with a shift budget, else the mean shift."""
+    return (lambda c: cfg.budget.score(c.shift)) if budget else (lambda c: c.shift.mean_px)
+
+
+def _mixed_search(
+    run: _FitRun, cals: dict[str, Calibrated], candidates: list[Int8Candidate], budget: MixedConfig,
+    best: Int8Candidate, cal: Calibrated, first_io: str,
+) -> tuple[Int8Candidate, Calibrated, list[OpInfo], bool | None]:
+    """The fewest float ops that meet the budget, searched from the best candidate (and the best
+    float-preserving one when the best bias-corrects); appends each search's result to
+    `candidates` and returns the winner, its calibrated model, its float ops and whether it met."""
+    from .sensitivity import measure_layers, ranking
+
+    cfg, calib, pre = run.cfg, run.calib, run.pre
+    float_ops: list[OpInfo] = []
+    met: bool | None = False  # the best candidate missed the budget: why the search runs
+    # Bias correction changes the float network on purpose, so floating ops of that variant
+    # can never get below its float drift (measured: 0.46 px with 60 float ops on the
+    # 17-point fixture); the best float-preserving variant is searched as well.
+    bases = [best.method]
+    exact = [c for c in candidates if not weight_fix_of(c.method).bias]
+    if weight_fix_of(best.method).bias and exact:
+        bases.append(min(exact, key=_rank_key(cfg, budget)).method)
+    k = min(len(calib.crops), RANKING_CROPS)
+    for base in bases:
+        run.say(f"ranking ops of {base} for mixed precision")
+        sens = measure_layers(cals[base], run.ref[:k], calib.crops[:k], pre, first_io)
+        res = search_mixed(cals[base], ranking(sens), run.ref, calib.crops, pre, budget, progress=run.say)
+        cand = Int8Candidate(f"{base}{MIXED_SUFFIX}", res.shift, [o.label for o in res.float_ops])
+        candidates.append(cand)
+        if cfg.budget.score(res.shift) < cfg.budget.score(best.shift):
+            best, cal, float_ops, met = cand, cals[base], res.float_ops, res.met
+        if met:
+            break
+    return best, cal, float_ops, met
+
+
+def _assembled(
+    run: _FitRun, io_dtypes: dict[str, str], plain: Calibrated, best: Int8Candidate, cal: Calibrated,
+    float_ops: list[OpInfo], met: bool | None, candidates: list[Int8Candidate], equalized: list[str], skipped: list[str],
+) -> Int8Fit:
+    """The Int8Fit of the chosen candidate: its model per format, plain int8 per format beside it
+    (bytes and, when asked, the latency ratio), and the fit's wall and CPU time."""
+    from ..export.tflite import compact_tflite
+
+    cfg, calib = run.cfg, run.calib
     deny = [o.tensor for o in float_ops]
     blobs = {name: compact_tflite(cal.quantize(deny, io)) for name, io in io_dtypes.items()}
     fit = Int8Fit(_blobs=blobs, method=best.method, float_ops=[o.label for o in float_ops],
                   float_op_types=float_op_count(next(iter(blobs.values()))) if blobs else {}, candidates=candidates,
                   met=met, search=f"{len(calib.crops)} calibration crops vs the float source", equalized=equalized,
-                  recipe=cfg.recipe, skipped=skipped, _uncalibrated=uncalibrated,
+                  recipe=cfg.recipe, skipped=skipped, _uncalibrated=run.uncalibrated,
                   residual=[n for n, io in io_dtypes.items() if io == "float32" and best.method.endswith(RESIDUAL_SUFFIX)])
     for name, io in io_dtypes.items():
         base = compact_tflite(plain.quantize((), io))
         fit._plain[name] = base
         fit.plain_bytes[name] = len(base)
         if cfg.measure_latency and best.method != "plain":
-            fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], pre)[0]
-    fit.seconds = round(time.perf_counter() - t0, 3)
-    fit.cpu_seconds = round(time.process_time() - c0, 3)
+            fit.latency_vs_plain[name] = latency_ratio(blobs[name], base, calib.crops[:1], run.pre)[0]
+    fit.seconds = round(time.perf_counter() - run.t0, 3)
+    fit.cpu_seconds = round(time.process_time() - run.c0, 3)
     return fit
 
 

@@ -341,20 +341,30 @@ def qat(cfg: QATConfig, progress: Progress | None = None) -> QATResult:
         return _qat(cfg, progress if ctx.is_main else None, ctx, dev)
 
 
+@dataclass
+class _Distillation:
+    """The frozen float teacher, the simulated-int8 student and the crops they are compared on."""
+
+    teacher: LandmarkModel
+    student: FakeQuantPFLD
+    x_cal: torch.Tensor  # calibration crops, preprocessed NCHW (trained on; ranges observed on them)
+    x_val: torch.Tensor  # held-out crops, preprocessed NCHW
+    y_val: torch.Tensor  # the teacher's landmarks on the held-out crops
+    size: int  # crop side: landmark units to px
+
+    def val_shift(self) -> ShiftStats:
+        """The student's landmark shift from the teacher's on the held-out crops (in its current mode)."""
+        return _shift(_predict(self.student, self.x_val), self.y_val, self.size)
+
+
 def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch.device) -> QATResult:
-    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..checkpoint import save_checkpoint
     from ..export.calibrate import calibration_and_validation
 
     t0 = time.perf_counter()
     out = writable_dir(Path(cfg.out)) if ctx.is_main else Path(cfg.out)  # process 0 alone writes there
     init = Path(cfg.init)
-    if not init.is_file():
-        raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
-    loaded = load_checkpoint(init)
-    if loaded.meta.source_format != "pfld-export":  # a foreign init's activation is measured, never defaulted
-        from ..stage0 import resolve
-
-        loaded = resolve(init)[0]
+    loaded = _load_init(init)
     pre = loaded.meta.preprocess
     calib, val = calibration_and_validation(cfg.data or "synthetic", cfg.val_images, pre, cfg.calib_count, cfg.val_count,
                                             cfg.seed, cfg.detector, cfg.cache_dir)
@@ -365,60 +375,13 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
     try:
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        teacher = LandmarkModel(copy.deepcopy(loaded.model)).eval().to(dev)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
-        if cfg.equalize:  # float-preserving (equalize checks it), so the teacher's landmarks are the target still
-            from .equalize import equalize
-
-            loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
-        loaded.model.to(dev)
-        student = FakeQuantPFLD(loaded.model)
-        loaded.model.eval()  # BN frozen: running statistics are what the converter folds
-        x_val = torch.from_numpy(pre.apply_nchw(val.crops))
-        size = pre.input_size
-        y_val = _predict(teacher, x_val)
-        student.observe_ranges(x_cal, cfg.range_method)
-        before = _shift(_predict(student, x_val), y_val, size)
-        params = [p for n, p in loaded.model.named_parameters()
-                  if p.requires_grad and (cfg.trainable == "all" or p.dim() == 1)]  # 1-D: BN gamma/beta, biases
-        groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr}] if cfg.trainable != "ranges" else []
-        if cfg.learn_ranges:
-            groups.append({"params": list(student.learn_ranges().values()), "lr": cfg.range_lr})
-        opt = torch.optim.Adam(groups)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-        history: list[dict[str, float]] = []
-        batches = _batches(len(calib), cfg.batch, rng)
-        running = 0.0
-        stepped = wrap(student, ctx, dev)  # DDP over the processes' shares of each batch (itself in one process)
-        for step in range(1, cfg.steps + 1):
-            # Every process draws the whole batch (same rng, same augmentation) and keeps its share.
-            idx = next(batches)
-            crops = _augment(calib.crops[idx], rng) if cfg.augment else calib.crops[idx]
-            crops = crops[ctx.rank :: ctx.world_size]
-            x = torch.from_numpy(pre.apply_nchw(crops)).to(dev)
-            with torch.no_grad():
-                target = teacher(x)
-            pred = stepped(x)
-            d2 = ((pred - target).view(len(crops), -1, 2) * size).pow(2).sum(-1)
-            loss = torch.sqrt(d2 + 1e-4).mean()  # mean landmark distance (px): the figure the budget reads
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            lv = all_sum([loss.item()], ctx, dev)[0] / ctx.world_size
-            running = lv if step == 1 else 0.9 * running + 0.1 * lv
-            if not cfg.learn_ranges and (step % cfg.range_every == 0 or step == cfg.steps):
-                student.observe_ranges(x_cal, cfg.range_method)  # learned ranges are not re-observed: they are trained
-            if progress:
-                progress(step, cfg.steps, running)
-            if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
-                history.append({"step": step, "loss_px": round(running, 4),
-                                "val_int8_mean_px": round(_shift(_predict(student, x_val), y_val, size).mean_px, 4)})
-        after = _shift(_predict(student, x_val), y_val, size)
-        student.mode = "float"
-        drift = _shift(_predict(student, x_val), y_val, size)
+        d = _distillation(cfg, loaded, calib, val, dev)
+        d.student.observe_ranges(d.x_cal, cfg.range_method)
+        before = d.val_shift()
+        history = _train(cfg, progress, ctx, dev, d, loaded, calib, rng)
+        after = d.val_shift()
+        d.student.mode = "float"
+        drift = d.val_shift()
     finally:
         torch.set_num_threads(prev_threads)
         loaded.model.cpu()  # checkpoints are saved and loaded on the CPU
@@ -430,10 +393,97 @@ def _qat(cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch
         "range_method": "learned" if cfg.learn_ranges else cfg.range_method, "equalized": cfg.equalize,
         # Activation ranges by site (see `site_of_label`): with learned ranges `convert` writes
         # them into the calibrated model; otherwise they are what its own calibration finds.
-        "ranges": {k: [round(float(lo), 6), round(float(hi), 6)] for k, (lo, hi) in student.effective_ranges().items()},
+        "ranges": {k: [round(float(lo), 6), round(float(hi), 6)] for k, (lo, hi) in d.student.effective_ranges().items()},
     }
     meta.training = dict(meta.training, qat=True)
     path = save_checkpoint(out / "qat.pth", loaded.model, meta, loaded.aux) if ctx.is_main else out / "qat.pth"
     return QATResult(checkpoint=path, teacher=str(init), steps=cfg.steps, calibration=calib.description,
                      validation=val.description, simulated_int8_before=before, simulated_int8_after=after,
                      float_drift=drift, seconds=round(time.perf_counter() - t0, 1), history=history)
+
+
+def _load_init(init: Path) -> Any:
+    """The `--init` checkpoint, a foreign one resolved so that its activation is measured."""
+    from ..checkpoint import load_checkpoint
+
+    if not init.is_file():
+        raise UsageError(f"--init {init} does not exist; QAT fine-tunes a trained float checkpoint (.pth)")
+    loaded = load_checkpoint(init)
+    if loaded.meta.source_format != "pfld-export":  # a foreign init's activation is measured, never defaulted
+        from ..stage0 import resolve
+
+        loaded = resolve(init)[0]
+    return loaded
+
+
+def _distillation(cfg: QATConfig, loaded: Any, calib: Any, val: Any, dev: torch.device) -> _Distillation:
+    """A frozen copy of `loaded` as the teacher and `loaded`'s own weights (equalised first when
+    asked) as the simulated-int8 student, both on `dev`, with the teacher's held-out landmarks."""
+    pre = loaded.meta.preprocess
+    teacher = LandmarkModel(copy.deepcopy(loaded.model)).eval().to(dev)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    x_cal = torch.from_numpy(pre.apply_nchw(calib.crops))
+    if cfg.equalize:  # float-preserving (equalize checks it), so the teacher's landmarks are the target still
+        from .equalize import equalize
+
+        loaded.model = equalize(LandmarkModel(loaded.model).eval(), x_cal).model.pfld
+    loaded.model.to(dev)
+    student = FakeQuantPFLD(loaded.model)
+    loaded.model.eval()  # BN frozen: running statistics are what the converter folds
+    x_val = torch.from_numpy(pre.apply_nchw(val.crops))
+    return _Distillation(teacher=teacher, student=student, x_cal=x_cal, x_val=x_val, y_val=_predict(teacher, x_val),
+                         size=pre.input_size)
+
+
+def _optimizer(
+    cfg: QATConfig, model: nn.Module, student: FakeQuantPFLD,
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    """Adam over the trainable weights (`cfg.trainable`) and, with learned ranges, the range
+    factors at their own step; with its cosine schedule over `cfg.steps`."""
+    params = [p for n, p in model.named_parameters()
+              if p.requires_grad and (cfg.trainable == "all" or p.dim() == 1)]  # 1-D: BN gamma/beta, biases
+    groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr}] if cfg.trainable != "ranges" else []
+    if cfg.learn_ranges:
+        groups.append({"params": list(student.learn_ranges().values()), "lr": cfg.range_lr})
+    opt = torch.optim.Adam(groups)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+
+
+def _train(
+    cfg: QATConfig, progress: Progress | None, ctx: DistContext, dev: torch.device, d: _Distillation, loaded: Any,
+    calib: Any, rng: np.random.Generator,
+) -> list[dict[str, float]]:
+    """`cfg.steps` steps pulling the student's simulated-int8 landmarks onto the teacher's;
+    returns the loss and held-out int8 shift at every tenth of the run."""
+    pre = loaded.meta.preprocess
+    opt, sched = _optimizer(cfg, loaded.model, d.student)
+    history: list[dict[str, float]] = []
+    batches = _batches(len(calib), cfg.batch, rng)
+    running = 0.0
+    stepped = wrap(d.student, ctx, dev)  # DDP over the processes' shares of each batch (itself in one process)
+    for step in range(1, cfg.steps + 1):
+        # Every process draws the whole batch (same rng, same augmentation) and keeps its share.
+        idx = next(batches)
+        crops = _augment(calib.crops[idx], rng) if cfg.augment else calib.crops[idx]
+        crops = crops[ctx.rank :: ctx.world_size]
+        x = torch.from_numpy(pre.apply_nchw(crops)).to(dev)
+        with torch.no_grad():
+            target = d.teacher(x)
+        pred = stepped(x)
+        d2 = ((pred - target).view(len(crops), -1, 2) * d.size).pow(2).sum(-1)
+        loss = torch.sqrt(d2 + 1e-4).mean()  # mean landmark distance (px): the figure the budget reads
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        lv = all_sum([loss.item()], ctx, dev)[0] / ctx.world_size
+        running = lv if step == 1 else 0.9 * running + 0.1 * lv
+        if not cfg.learn_ranges and (step % cfg.range_every == 0 or step == cfg.steps):
+            d.student.observe_ranges(d.x_cal, cfg.range_method)  # learned ranges are not re-observed: they are trained
+        if progress:
+            progress(step, cfg.steps, running)
+        if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
+            history.append({"step": step, "loss_px": round(running, 4),
+                            "val_int8_mean_px": round(d.val_shift().mean_px, 4)})
+    return history
