@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
-from typing import Iterator
 
 import pytest
 import torch
@@ -26,12 +25,7 @@ VARIANTS = {
 PART_OF_INDEX = {"conv.0": "expand", "conv.3": "depthwise", "conv.6": "project"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards: two threads wait on each other
 
 
 def _net(seed: int = 0, **kw: object) -> PFLD:

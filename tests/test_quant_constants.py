@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,12 +34,7 @@ METHODS = ("minmax", "mse")
 FLOAT_TOL_PX, INT8_TOL_PX = 1e-3, 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards: two threads wait on each other
 
 
 def _net(config: ModelConfig, x: torch.Tensor, seed: int = 0) -> PFLD:

@@ -4,7 +4,6 @@ and bias correction for TFLite's int8 weight rounding."""
 from __future__ import annotations
 
 import copy
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,13 +17,7 @@ from pfld_export.quant.equalize import (
 from pfld_export.model import LandmarkModel, ModelConfig, PFLD
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Two torch threads on a shared 2-core machine run these tiny forwards ~10x slower.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards: two threads wait on each other
 
 
 def _uneven_net(seed: int, **kw: object) -> LandmarkModel:
