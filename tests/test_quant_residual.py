@@ -19,16 +19,9 @@ from pfld_export.quant.residual import (  # noqa: E402
 )
 from pfld_export.runtime import open_predictor, tflite_interpreter_class  # noqa: E402
 
+from .conftest import smooth_crops  # noqa: E402
+
 POINTS = 9
-
-
-def _crops(n: int, seed: int) -> np.ndarray:
-    """Smooth random uint8 BGR crops (blurred blobs: activations behave like images, not noise)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(n, 7, 7, 3), dtype=np.uint8)
-    return np.stack([cv2.resize(s, (112, 112), interpolation=cv2.INTER_CUBIC) for s in small])
 
 
 def _net(head: str) -> Callable[[Any], Any]:
@@ -75,7 +68,7 @@ def _calibrated(head: str, pre: Preprocess, calib: np.ndarray) -> Calibrated:
 @pytest.fixture(scope="module")
 def tiny() -> Iterator[dict[str, Any]]:
     pre = Preprocess()
-    calib, val = _crops(32, 1), _crops(12, 2)
+    calib, val = smooth_crops(32, 1), smooth_crops(12, 2)
     cal = _calibrated("fc", pre, calib)
     res = with_residual(cal, pre.apply(calib))
     yield {"pre": pre, "calib": calib, "val": val, "cal": cal, "res": res,

@@ -6,7 +6,7 @@ with other constants. So the plain network is converted once, and each variant's
 straight into a copy of the plain (calibrated, float) flatbuffer:
 
 * every conv / FC layer is folded as the ONNX export folds it (BN scale into the weight, BN
-  shift into the bias; `equalize.folded_weight`), and its weight is looked up among the
+  shift into the bias; `model.fold_bn`), and its weight is looked up among the
   flatbuffer's float constants by value, under each axis permutation that gives the stored
   shape (OIHW -> OHWI for a conv, 1HWO for a depthwise conv, [O, I] for the FC);
 * its bias is the third input of the one op that reads that weight, checked by value too;
@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
-from .equalize import conv_bn_pairs, folded_weight
+from ..model import fold_bn
+from .equalize import conv_bn_pairs
+from .graph import flatbuffer_bytes, flatbuffer_object
 
 # Folding in another order than the ONNX export's moves a value by a few float32 ulps; a
 # different tensor differs by whole weight steps. 1e-5 of the tensor's largest value sits far
@@ -57,28 +59,17 @@ class ConstantMap:
     slots: tuple[Slot, ...]
 
 
-def folded_bias(conv: nn.Module, bn: nn.BatchNorm2d | None) -> torch.Tensor:
-    """The bias of the fused op: (b - mean) * gamma / sqrt(var + eps) + beta, or the conv /
-    FC bias without BN (zero when it has none)."""
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.weight.shape[0])
-    if bn is None:
-        return b.clone()
-    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    return (b - bn.running_mean) * s + bn.bias.detach()
-
-
 def folded_layers(net: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(layer, folded weight, folded bias) of a LandmarkModel's convs and FC, in forward order."""
     pfld = getattr(net, "pfld", None)
     if pfld is None:
         raise ConversionError(f"{type(net).__name__} is not a PFLD landmark model; its constants are not mapped")
-    return [(name, folded_weight(conv, bn).numpy().astype(np.float32), folded_bias(conv, bn).numpy().astype(np.float32))
-            for name, conv, bn in conv_bn_pairs(pfld)]
+    return [(name, *(v.detach().numpy().astype(np.float32) for v in fold_bn(conv, bn))) for name, conv, bn in conv_bn_pairs(pfld)]
 
 
 def map_constants(blob: bytes, plain: nn.Module) -> ConstantMap:
     """Find every conv / FC layer of `plain` (the network `blob` was converted from) in `blob`."""
-    model = _model(blob)
+    model = flatbuffer_object(blob)
     sg = _subgraph(model)
     consts = _float_constants(model, sg)
     slots: list[Slot] = []
@@ -104,7 +95,7 @@ def write_variant(cmap: ConstantMap, plain: nn.Module, variant: nn.Module) -> by
     """`cmap.blob` with the folded weights and biases of `variant` (a copy of `plain` with
     rewritten conv / BN / FC parameters) in place of `plain`'s."""
     _check_only_layers_changed(plain, variant)
-    model = _model(cmap.blob)
+    model = flatbuffer_object(cmap.blob)
     sg = _subgraph(model)
     refs = Counter(int(t.buffer) for t in sg.tensors)
     layers = {name: (w, b) for name, w, b in folded_layers(variant)}
@@ -117,15 +108,7 @@ def write_variant(cmap: ConstantMap, plain: nn.Module, variant: nn.Module) -> by
                 raise ConversionError(f"layer {slot.layer} of the weight variant has shape {list(value.shape)} where the "
                                       f"converted model has {list(stored)}")
             _put(model, sg, refs, tensor, value)
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def _model(blob: bytes) -> Any:
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    return flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    return flatbuffer_bytes(model)
 
 
 def _subgraph(model: Any) -> Any:

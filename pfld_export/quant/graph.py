@@ -251,11 +251,23 @@ def measure_ranges_all(blob: bytes, inputs: np.ndarray, rules: Sequence[float | 
     return outs
 
 
-def write_ranges(blob: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
-    """Replace the min/max statistics the calibrator recorded with `ranges` (same tensors)."""
+def flatbuffer_object(blob: bytes) -> Any:
+    """A .tflite flatbuffer as the schema's object API (tensors, buffers, ops), to edit in place."""
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+    return flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
+
+
+def flatbuffer_bytes(model: Any) -> bytes:
+    """`flatbuffer_object`'s inverse: the edited model as .tflite bytes."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def write_ranges(blob: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
+    """Replace the min/max statistics the calibrator recorded with `ranges` (same tensors)."""
+    model = flatbuffer_object(blob)
     for sg in model.subgraphs:
         for t in sg.tensors:
             q = t.quantization
@@ -264,7 +276,7 @@ def write_ranges(blob: bytes, ranges: dict[str, tuple[float, float]]) -> bytes:
             name = t.name.decode() if isinstance(t.name, bytes) else t.name
             if name in ranges:
                 q.min, q.max = [float(ranges[name][0])], [float(ranges[name][1])]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return flatbuffer_bytes(model)
 
 
 def list_ops(blob: bytes, labels: Sequence[str] | None = None) -> list[OpInfo]:

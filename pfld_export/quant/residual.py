@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .graph import Calibrated, quantize_calibrated
+from .graph import Calibrated, flatbuffer_bytes, flatbuffer_object, quantize_calibrated
 from .recipes import RESIDUAL_SUFFIX
 
 Progress = Callable[[str], None]
@@ -81,18 +81,6 @@ def _schema() -> Any:
     return schema
 
 
-def _load(blob: bytes) -> Any:
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    return flatbuffer_utils.convert_bytearray_to_object(bytearray(blob))
-
-
-def _save(model: Any) -> bytes:
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
 def _op_name(model: Any, op: Any) -> str:
     schema = _schema()
     code = model.operatorCodes[op.opcodeIndex]
@@ -134,7 +122,7 @@ def _buffer_data(model: Any, tensor: int) -> np.ndarray:
 
 
 def float_outputs(blob: bytes, inputs: np.ndarray) -> np.ndarray:
-    """The model's output [len(inputs), values] for float NHWC `inputs`, reference kernels."""
+    """The model's output [len(inputs), values] for float NHWC `inputs` (the default TFLite kernels)."""
     from ..runtime import tflite_interpreter_class
 
     interp = tflite_interpreter_class()(model_content=blob, num_threads=1)
@@ -151,7 +139,7 @@ def float_outputs(blob: bytes, inputs: np.ndarray) -> np.ndarray:
 def with_residual(cal: Calibrated, inputs: np.ndarray, cfg: ResidualConfig = ResidualConfig()) -> ResidualCalibrated:
     """`cal` with its landmark FC rewritten to predict the residual from the float model's mean
     output over `inputs` (float NHWC, the calibration inputs); raises NoResidualHead."""
-    model = _load(cal.blob)
+    model = flatbuffer_object(cal.blob)
     head = find_head(model)
     y = float_outputs(cal.blob, inputs)
     mean = y.mean(0).astype(np.float32)
@@ -170,7 +158,7 @@ def with_residual(cal: Calibrated, inputs: np.ndarray, cfg: ResidualConfig = Res
         if q is not None and q.min is not None and len(q.min):
             q.min, q.max = [lo], [hi]
         ranges[_name(sg.tensors[t])] = (lo, hi)
-    return ResidualCalibrated(blob=_save(model), ops=cal.ops, method=cal.method + SUFFIX, faces=cal.faces,
+    return ResidualCalibrated(blob=flatbuffer_bytes(model), ops=cal.ops, method=cal.method + SUFFIX, faces=cal.faces,
                               ranges=ranges, base=cal, mean=mean)
 
 
@@ -193,7 +181,7 @@ def add_mean(blob: bytes, mean: np.ndarray) -> bytes:
     """Append `output + mean` (a float ADD) to a model with a float output; the sum takes over
     the output's name, shape, graph output and signature entries."""
     schema = _schema()
-    model = _load(blob)
+    model = flatbuffer_object(blob)
     sg = model.subgraphs[0]
     old = int(sg.outputs[0])
     t = sg.tensors[old]
@@ -222,7 +210,7 @@ def add_mean(blob: bytes, mean: np.ndarray) -> bytes:
         for m in sig.outputs or []:
             if int(m.tensorIndex) == old:
                 m.tensorIndex = s
-    return _save(model)
+    return flatbuffer_bytes(model)
 
 
 def _tensor(like: Any, name: str, buffer: int) -> Any:
