@@ -5,9 +5,10 @@
     python benchmarks/run_host_bench.py --summarize benchmarks/results/<file>.json   # README only
     python benchmarks/run_host_bench.py --gate-noise 5   # spread of the gate's latency ratios
 
-1. builds (or reuses, cached under out/reference/) the reference checkpoints of
-   `pfld_export.check.REFERENCE_MODELS`: a 0.25X PFLD trained 3 epochs on synthetic faces
-   (seeded) and an untrained seeded 1X PFLD (latency does not depend on weight values);
+1. takes the reference checkpoints of `pfld_export.check.REFERENCE_MODELS`, as the gate does:
+   a 0.25X PFLD trained 3 epochs on synthetic faces (its committed weights, models/reference/)
+   and an untrained seeded 1X PFLD (built, cached under out/reference/; latency does not depend
+   on weight values);
 2. converts each with the `--int8` preset (fp32, int8, full-int8; ONNX kept) into out/bench/,
    reusing a previous conversion of the same checkpoint;
 3. benchmarks checkpoint, ONNX and every .tflite with `pfld_export.bench.host.benchmark`
@@ -43,7 +44,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Build, convert and benchmark every selected reference model; the results document."""
     from pfld_export.bench.estimate import sd845_estimate
     from pfld_export.bench.host import BenchConfig, benchmark
-    from pfld_export.check import REFERENCE_MODELS, CheckConfig, convert_reference, ensure_reference_checkpoint
+    from pfld_export.check import REFERENCE_MODELS, CheckConfig, convert_reference, reference_checkpoint
     from pfld_export.checkpoint import load_checkpoint
     from pfld_export.export.formats import FORMATS, INT8_PRESET
     from pfld_export.model import macs
@@ -60,7 +61,7 @@ def measure(args: argparse.Namespace) -> dict:
     models = []
     first = None
     for ref in refs:
-        ckpt = ensure_reference_checkpoint(ref, ccfg.cache_dir, _log)
+        ckpt = reference_checkpoint(ref, ccfg, _log)
         conv = convert_reference(replace(ref, accuracy=False), ckpt, ccfg, _log)  # latency only: no NME pass
         out = ccfg.work_dir / ref.name
         files = [ckpt] + ([out / conv["onnx"]] if conv.get("onnx") else []) + [out / a["file"] for a in conv["artifacts"].values()]

@@ -4,9 +4,13 @@
     run_check(CheckConfig(baseline=Path("models/baselines.json"))) -> CheckResult
 
 What it does (`pfld-export check`, `make check`):
-  1. builds the reference checkpoints of `REFERENCE_MODELS` (seeded; cached under
-     `out/reference/<name>/`, keyed by the training config, tool versions and the source of the
-     modules that decide the weights, so a second run reuses them);
+  1. takes the reference checkpoints of `REFERENCE_MODELS`: a trained one from its committed
+     weights (`models/reference/<name>.pth`), a seeded untrained one built from its seed.
+     Training is chaotic in float rounding: the same seed and code give other weights on another
+     CPU (AVX-512 against AVX2 kernels), and the 0.25X reference's int8 shift read 1.24 px on one
+     and 1.48 px on the other, past the gate's 0.1 px. `--retrain` trains them instead
+     (cached under `out/reference/<name>/`, keyed by the training config, tool versions and the
+     source of the modules that decide the weights), and with `--update` commits the result;
   2. converts each to every format in the export registry (`export.pipeline.convert`, synthetic
      calibration: a fresh clone has no real faces), which also measures each format's landmark
      shift against PyTorch on held-out faces and, for the trained model, NME on a held-out
@@ -182,6 +186,7 @@ def compare(baseline: Mapping[str, Any], measured: Mapping[str, Any], tolerances
     for model, bm in base_models.items():
         b_arts = (bm or {}).get("artifacts", {})
         g_arts = (got_models.get(model) or {}).get("artifacts", {})
+        items.extend(_weights_item(model, bm or {}, got_models.get(model) or {}))
         for art, bvals in b_arts.items():
             gvals = g_arts.get(art)
             for m in METRICS:
@@ -220,6 +225,17 @@ def compare(baseline: Mapping[str, Any], measured: Mapping[str, Any], tolerances
     for model in sorted(set(got_models) - set(base_models)):
         items.append(CheckItem(model, "*", "-", "model", "", None, None, None, "new", "model not in the baseline; --update to gate it"))
     return items
+
+
+def _weights_item(model: str, base: Mapping[str, Any], got: Mapping[str, Any]) -> list[CheckItem]:
+    """A `warn` row when a model with committed weights was measured on other weights (a
+    `--retrain`, or a weights file changed without `--update`): its figures then compare
+    different networks."""
+    if not base.get("weights") or not got.get("checkpoint_sha256") or got["checkpoint_sha256"] == base.get("checkpoint_sha256"):
+        return []
+    return [CheckItem(model, "weights", "checkpoint_sha256", "weights sha256", "", None, None, None, "warn",
+                      f"measured {str(got['checkpoint_sha256'])[:12]}, the baseline {str(base.get('checkpoint_sha256'))[:12]} "
+                      f"({base['weights']}): accuracy compares different weights; --update with the weights if intended")]
 
 
 def _fmt(v: float, unit: str) -> str:
@@ -290,10 +306,11 @@ def same_cost_env(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bo
 
 @dataclass(frozen=True)
 class ReferenceModel:
-    """A model the gate (and `make bench`) builds from nothing but a seed.
+    """A model the gate (and `make bench`) measures.
 
     epochs=0 means an untrained, seeded network: enough for size, ops and latency (which do not
-    depend on weight values), not for accuracy.
+    depend on weight values), not for accuracy. A trained one is read from its committed weights
+    (`CheckConfig.reference_dir`), trained from the seed only with `retrain`.
     """
 
     name: str
@@ -376,6 +393,34 @@ def ensure_reference_checkpoint(ref: ReferenceModel, cache_root: Path, progress:
     return ckpt
 
 
+def reference_checkpoint(ref: ReferenceModel, cfg: CheckConfig, progress: Message | None = None) -> Path:
+    """The checkpoint the gate measures for `ref`: its committed weights when trained, else built.
+
+    With `cfg.retrain` a trained reference is trained from its seed (cached), and with
+    `cfg.update` also written over its committed weights.
+    """
+    if ref.epochs == 0:
+        return ensure_reference_checkpoint(ref, cfg.cache_dir, progress)
+    committed = cfg.reference_dir / f"{ref.name}.pth"
+    if not cfg.retrain:
+        if not committed.is_file():
+            raise UsageError(f"the committed weights of reference model {ref.name} are missing ({committed}); restore them "
+                             f"with `git checkout -- {committed}`, or train new ones with `pfld-export check --retrain --update`")
+        if progress:
+            progress(f"{ref.name}: committed weights {committed}")
+        return committed
+    trained = ensure_reference_checkpoint(ref, cfg.cache_dir, progress)
+    if not cfg.update:
+        return trained
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(trained)  # the network and its metadata; not the optimizer or the pose net
+    save_checkpoint(committed, loaded.model, loaded.meta)
+    if progress:
+        progress(f"{ref.name}: weights written to {committed} (commit them with the baselines)")
+    return committed
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring
 
@@ -387,7 +432,9 @@ class CheckConfig:
     baseline: Path = Path("models/baselines.json")
     update: bool = False
     work_dir: Path = Path("out/check")  # conversions
-    cache_dir: Path = Path("out/reference")  # reference checkpoints (shared with `make bench`)
+    cache_dir: Path = Path("out/reference")  # trained and seeded checkpoints (shared with `make bench`)
+    reference_dir: Path = Path("models/reference")  # committed weights of the trained references
+    retrain: bool = False  # train the references from their seed instead (with `update`: commit the result)
     reuse_conversion: bool = False  # reuse out/check/<model> when its checkpoint is unchanged
     models: tuple[ReferenceModel, ...] = REFERENCE_MODELS
     formats: tuple[str, ...] | None = None  # None: every format in the export registry
@@ -402,6 +449,7 @@ class CheckConfig:
         # Absolute: the converter runs onnx2tf in a temp cwd, where relative paths would dangle.
         self.baseline = Path(self.baseline).absolute()
         self.work_dir, self.cache_dir = Path(self.work_dir).absolute(), Path(self.cache_dir).absolute()
+        self.reference_dir = Path(self.reference_dir).absolute()
         if not self.models:
             raise UsageError("check needs at least one reference model")
         if len(self.bench.threads) != 1:
@@ -514,7 +562,7 @@ def measure(cfg: CheckConfig, progress: Message | None = None) -> dict[str, Any]
     bench_results: dict[str, BenchResult] = {}
     cost_env: dict[str, Any] = {}
     for ref in cfg.models:
-        ckpt = ensure_reference_checkpoint(ref, cfg.cache_dir, progress)
+        ckpt = reference_checkpoint(ref, cfg, progress)
         conv = convert_reference(ref, ckpt, cfg, progress)
         out = cfg.work_dir / ref.name
         files = [out / a["file"] for a in conv["artifacts"].values()]
@@ -550,6 +598,8 @@ def measure(cfg: CheckConfig, progress: Message | None = None) -> dict[str, Any]
             "checkpoint_sha256": conv["checkpoint_sha256"],
             "artifacts": arts,
         }
+        if ref.epochs:
+            models[ref.name]["weights"] = os.path.relpath(ckpt) if ckpt.is_relative_to(Path.cwd()) else str(ckpt)
     first = next(iter(bench_results.values()))
     return {
         "recorded": {

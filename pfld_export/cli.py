@@ -541,12 +541,15 @@ def bench_arm_command(models: tuple[str, ...], serial: str | None, all_devices: 
 @click.option("--work-dir", default="out/check", show_default=True, type=click.Path(file_okay=False), help="Where conversions go.")
 @click.option("--cache-dir", default="out/reference", show_default=True, type=click.Path(file_okay=False),
               help="Where the seeded reference checkpoints are cached.")
+@click.option("--retrain", is_flag=True,
+              help="Train the trained references from their seed instead of reading their committed weights "
+                   "(models/reference/); with --update, write the new weights there.")
 @click.option("--runs", default=40, show_default=True, type=int, help="Timed runs per model and round.")
 @click.option("--repeats", default=7, show_default=True, type=int, help="Interleaved benchmark rounds (median of ratios).")
 @click.option("--verbose", "-v", is_flag=True, help="List every check, not only those that moved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly
-def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: str, runs: int, repeats: int,
+def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: str, retrain: bool, runs: int, repeats: int,
           verbose: bool, as_json: bool) -> None:
     """CI gate: size, instructions per inference and accuracy of the reference models vs committed baselines."""
     from pathlib import Path
@@ -556,7 +559,7 @@ def check(baseline: str, update: bool, reuse: bool, work_dir: str, cache_dir: st
     from .report import format_check, to_json
 
     cfg = CheckConfig(baseline=Path(baseline), update=update, work_dir=Path(work_dir), cache_dir=Path(cache_dir),
-                      reuse_conversion=reuse, bench=BenchConfig(threads=(1,), runs=runs, warmup=10, repeats=repeats))
+                      retrain=retrain, reuse_conversion=reuse, bench=BenchConfig(threads=(1,), runs=runs, warmup=10, repeats=repeats))
     result = run_check(cfg, progress=lambda msg: click.echo(f"[check] {msg}", err=True))
     click.echo(to_json(result) if as_json else format_check(result, verbose=verbose))
     result.raise_for_failures()

@@ -264,3 +264,56 @@ def test_count_instructions_without_valgrind_says_why_and_update_refuses(tmp_pat
     with pytest.raises(ToolMissingError, match="valgrind"):
         run_check(upd)
     assert not (tmp_path / "c").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_committed_reference_weights_are_the_baselines_weights():
+    """The trained reference is read from its committed file, and that file is the one the
+    baseline was measured on: weights changed without --update fail here, in the fast suite."""
+    from pfld_export.checkpoint import load_checkpoint
+    from pfld_export.io import file_sha256
+
+    entry = load_baseline(COMMITTED)["models"]["pfld025-synthetic"]
+    weights = ROOT / entry["weights"]
+    assert file_sha256(weights) == entry["checkpoint_sha256"]
+    loaded = load_checkpoint(weights)
+    assert loaded.meta.model.width == 0.25 and loaded.aux is None  # the network only: no pose net, no optimizer
+
+
+def test_a_trained_reference_comes_from_its_committed_weights_without_training(tmp_path):
+    from pfld_export.check import REFERENCE_MODELS, CheckConfig, reference_checkpoint
+
+    ref = next(r for r in REFERENCE_MODELS if r.epochs)
+    cfg = CheckConfig(baseline=tmp_path / "b.json", cache_dir=tmp_path / "cache", reference_dir=tmp_path / "ref")
+    with pytest.raises(UsageError, match=r"git checkout -- .*--retrain --update"):
+        reference_checkpoint(ref, cfg)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / f"{ref.name}.pth").write_bytes(b"read by the converter, not here")
+    assert reference_checkpoint(ref, cfg) == tmp_path / "ref" / f"{ref.name}.pth"
+    assert not (tmp_path / "cache").exists()  # nothing trained
+
+
+def test_retrain_with_update_writes_the_committed_weights(tmp_path):
+    from pfld_export.check import CheckConfig, ReferenceModel, reference_checkpoint
+    from pfld_export.checkpoint import load_checkpoint
+
+    ref = ReferenceModel("tiny-trained", width=0.25, epochs=1, accuracy=True, data="synthetic:48")
+    cfg = CheckConfig(baseline=tmp_path / "b.json", cache_dir=tmp_path / "cache", reference_dir=tmp_path / "ref", retrain=True)
+    trained = reference_checkpoint(ref, cfg)
+    assert trained.parent.parent == tmp_path / "cache" and not (tmp_path / "ref").exists()  # no --update: nothing committed
+    committed = reference_checkpoint(ref, CheckConfig(**{**cfg.__dict__, "update": True}))
+    assert committed == tmp_path / "ref" / "tiny-trained.pth"
+    a, b = load_checkpoint(trained), load_checkpoint(committed)
+    assert b.aux is None and "optimizer" not in b.extra
+    assert all((a.model.state_dict()[k] == v).all() for k, v in b.model.state_dict().items())
+
+
+def test_other_weights_than_the_baselines_are_a_warning_row():
+    base = _baseline()
+    base["models"]["pfld025"].update(weights="models/reference/pfld025.pth", checkpoint_sha256="a" * 64)
+    same = copy.deepcopy(_measured())
+    same["models"]["pfld025"]["checkpoint_sha256"] = "a" * 64
+    assert not [i for i in compare(base, same) if i.artifact == "weights"]
+    other = copy.deepcopy(same)
+    other["models"]["pfld025"]["checkpoint_sha256"] = "b" * 64
+    rows = [i for i in compare(base, other) if i.artifact == "weights"]
+    assert [(r.status, r.failed) for r in rows] == [("warn", False)] and "bbbbbbbbbbbb" in rows[0].note
