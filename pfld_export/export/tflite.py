@@ -169,11 +169,28 @@ def concrete_function(model: Any) -> Any:
     return fn.get_concrete_function()
 
 
+def converter_for(func: Any, keras_model: Any) -> Any:
+    """A TFLiteConverter of `func` that tracks only `keras_model`'s variables.
+
+    Given the Keras model itself, the converter first saves a SavedModel carrying Keras metadata
+    for every layer: 9-11 s of CPU per conversion of a 1X PFLD, against 0.5-0.8 s with a plain
+    tf.Module holding the same variables, and the flatbuffers are byte-identical (fp32, fp16 and
+    the calibration model, measured).
+    """
+    import tensorflow as tf
+
+    if keras_model is None:  # a bare function: nothing to track
+        return tf.lite.TFLiteConverter.from_concrete_functions([func])
+    holder = tf.Module()
+    holder.model_variables = list(keras_model.variables)  # tracked, so the saved function finds them
+    return tf.lite.TFLiteConverter.from_concrete_functions([func], holder)
+
+
 def convert_one(func: Any, keras_model: Any, fmt: ExportFormat, inputs: np.ndarray) -> bytes:
     """One TFLiteConverter run with the registry's settings for `fmt`."""
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([func], keras_model)
+    conv = converter_for(func, keras_model)
     conv.target_spec.supported_ops = [getattr(tf.lite.OpsSet, fmt.ops_set)]
     conv.optimizations = [tf.lite.Optimize.DEFAULT] if fmt.optimize else []
     conv.target_spec.supported_types = [tf.dtypes.as_dtype(t) for t in fmt.supported_types]

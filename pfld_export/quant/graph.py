@@ -142,13 +142,13 @@ def calibrate_all(keras_model: Any, func: Any, inputs: np.ndarray, methods: Sequ
     rule (the float run dominates: it is what a second method used to repeat)."""
     import tensorflow as tf
 
-    from ..export.tflite import Captured
+    from ..export.tflite import Captured, converter_for
 
     for m in methods:
         range_rule(m)  # an unknown method is refused before the conversion, not after
     if len(inputs) < 1:
         raise UsageError("calibration needs at least one input crop")
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([func], keras_model)
+    conv = converter_for(func, keras_model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     # The converter only needs to see the graph run once to place its statistics; the ranges
