@@ -17,6 +17,28 @@ def test_mse_ranges_shrink_min_max_and_still_hold_zero() -> None:
     assert mse_range(tight, -1.0, 1.0)[1] > 0.9  # nothing to gain from clipping a uniform tensor
 
 
+def _mse_over_every_value(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The mse clip range summed value by value: what the histogram in mse_range stands for."""
+    errors = {}
+    for f in np.geomspace(1.0, 0.25, 24):
+        a, b = lo * f, hi * f
+        scale = (b - a) / 255.0
+        q = np.clip(np.round((v - a) / scale), 0, 255) * scale + a
+        errors[(a, b)] = float(np.mean((q - v) ** 2))
+    return min(errors, key=errors.get)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mse_range_picks_what_summing_every_value_picks(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Post-ReLU tensors (one-sided, heavy tail) and pre-activation ones (two-sided, skewed).
+    v = rng.laplace(0, 1, 50_000) * rng.uniform(0.1, 3) + rng.uniform(-0.5, 0.5)
+    if seed % 2:
+        v = np.maximum(v, 0.0)
+    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+    assert mse_range(v, lo, hi) == pytest.approx(_mse_over_every_value(v, lo, hi))
+
+
 @pytest.mark.parametrize("method, rule", [("minmax", None), ("mse", -1.0), ("percentile:99.99", 99.99), ("percentile:100", 100.0)])
 def test_range_methods_parse_to_their_rule(method: str, rule: float | None) -> None:
     assert range_rule(method) == rule

@@ -18,6 +18,8 @@ RANGE_METHODS = ("minmax", "mse", "percentile:P")
 DEFAULT_RANGES: tuple[str, ...] = ("minmax", "mse")
 _PERCENTILE = re.compile(r"percentile:(\d+(?:\.\d+)?)")
 _MSE_SHRINK = np.geomspace(1.0, 0.25, 24)  # candidate clip ranges, as fractions of min/max
+# Bins of the mse histogram: the narrowest int8 step (min/max shrunk to 1/4) spans 64 bins.
+_MSE_BINS = 1 << 14
 
 
 def range_rule(method: str) -> float | None:
@@ -35,13 +37,27 @@ def range_rule(method: str) -> float | None:
 def mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     """The clip range (min/max shrunk by one common factor) with the least int8 rounding +
     clipping error over the sampled values `v`: what an outlier costs against what the
-    256 levels gain."""
+    256 levels gain.
+
+    The error is summed over a histogram of `v` (_MSE_BINS bins on [lo, hi], each value at its
+    bin's centre plus the bin's own variance): every value still counts, tails included, and
+    each of the 24 clip ranges costs one pass over the bins instead of one over the values
+    (0.5 M values per tensor for a 1X PFLD on 123 crops: 26 s of a conversion).
+    """
+    if not hi > lo:
+        return lo, hi
+    counts, edges = np.histogram(np.asarray(v, np.float64), bins=_MSE_BINS, range=(lo, hi))
+    keep = counts > 0
+    if not keep.any():
+        return lo, hi
+    c, w = ((edges[:-1] + edges[1:]) / 2)[keep], counts[keep].astype(np.float64)
+    within = (edges[1] - edges[0]) ** 2 / 12.0  # mean squared distance of a value to its bin's centre
     best, err = (lo, hi), np.inf
     for f in _MSE_SHRINK:
         a, b = lo * f, hi * f
         scale = max(b - a, 1e-12) / 255.0
-        q = np.clip(np.round((v - a) / scale), 0, 255) * scale + a
-        e = float(np.mean((q - v) ** 2))
+        q = np.clip(np.round((c - a) / scale), 0, 255) * scale + a
+        e = float(np.dot(w, (q - c) ** 2)) / float(w.sum()) + within
         if e < err:
             best, err = (a, b), e
     return best
