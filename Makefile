@@ -55,7 +55,7 @@ demo: install
 	@# goal: that is a WARNING line with the figure (exit 0), as for any model without --max-shift.
 	$(BIN)/pfld-export convert $(DEMO_OUT)/train/best.pth --int8 --calib $(DEMO_CALIB) --out $(DEMO_OUT)/convert \
 		--name pfld_w025 || { rc=$$?; test $$rc -eq 7 && echo "demo: converted; budget misses are listed above (FAIL lines)"; test $$rc -eq 7; }
-# Host latency of the reference models (trained 0.25X + seeded 1X, cached under out/reference, converted --int8 into
+# Host latency of the reference models (trained 0.25X from models/reference + seeded 1X cached in out/reference, converted --int8 into
 # out/bench) -> benchmarks/results/<date>-<host>.json + the summary table in benchmarks/README.md.
 # make bench [BENCH_ARGS="--runs 50 --repeats 3 --threads 1"]
 bench: install
@@ -80,8 +80,10 @@ test-arm: install
 	bash android_bench/emulated/rig.sh test
 # CI regression gate: size / instructions per inference (callgrind, 2 %) / NME + shift vs models/baselines.json;
 # the host latency (CPU-time ratio to PyTorch) is reported, not gated. Without valgrind the instruction rows say SKIPPED.
-# Reference checkpoints are seeded and cached in out/reference; conversions go to out/check.
-# make check [CHECK_ARGS="--update"]   (--update rewrites the baselines deliberately: review the diff)
+# The trained reference's weights are committed (models/reference); the seeded one is cached in out/reference;
+# conversions go to out/check.
+# make check [CHECK_ARGS="--update"]   (--update rewrites the baselines deliberately: review the diff;
+#                                       --retrain --update trains the reference again and commits its weights)
 check: install
 	$(BIN)/pfld-export check --baseline models/baselines.json $(CHECK_ARGS)
 # int8 fidelity ablation on real faces: needs ../shared/fixtures and the trained synthetic models
