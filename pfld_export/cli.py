@@ -222,7 +222,7 @@ def _train_qat_options(fn: F) -> F:
 @click.option("--width", type=float, default=None, help="Width multiplier 0.25/0.5/0.75/1.0  [default: 0.25, or --init's]")
 @click.option("--points", type=int, default=None, help="Landmark count; must match the data layout  [default: the data's]")
 @click.option("--conv2", type=RegistryChoice("pfld_export.model:CONV2_KINDS"), default=None, help="conv2 kind  [default: full, or --init's]")
-@click.option("--activation", type=RegistryChoice("pfld_export.model:ACTIVATIONS"), default=None, help="Activation: relu (PFLD-pytorch) or relu6 (the paper's MobileNetV2 blocks; bounded, so tighter int8 ranges: at 1X the same float NME and a 13 % lower int8 shift, at 0.25X an 8 % worse NME: benchmarks/int8_fidelity.md)  [default: relu, or --init's]")
+@click.option("--activation", type=RegistryChoice("pfld_export.model:ACTIVATIONS"), default=None, help="Activation: relu (PFLD-pytorch) or relu6 (the paper's MobileNetV2 blocks; bounded, so tighter int8 ranges: at 1X the same float NME and a 13 % lower int8 shift, at 0.25X an 8-11 % worse NME: benchmarks/int8_fidelity.md)  [default: relu, or --init's]")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Total epochs (with --resume: train until this many are done).")
 @click.option("--batch", type=int, default=None, help="GLOBAL batch size: under torchrun it is split over the processes (batch / N each), so a step averages the same number of faces on any N  [default: 256 on real data, 32 on synthetic]")
 @click.option("--lr", type=float, default=None, help="Adam learning rate, never scaled for you: with a bigger --batch raise it yourself  [default: 1e-4 (the paper) on real data, 2e-3 on synthetic]")
