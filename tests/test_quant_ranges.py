@@ -39,6 +39,14 @@ def test_mse_range_picks_what_summing_every_value_picks(seed: int) -> None:
     assert mse_range(v, lo, hi) == pytest.approx(_mse_over_every_value(v, lo, hi))
 
 
+def test_values_outside_the_given_range_still_count_as_clipped() -> None:
+    bulk = np.random.default_rng(3).laplace(0, 1, 50_000)
+    v = np.concatenate([bulk, np.full(150, 12.0)])  # a cluster past the range: shrinking it costs more
+    lo, hi = float(bulk.min()), 10.0
+    assert mse_range(v, lo, hi) == pytest.approx(_mse_over_every_value(v, lo, hi))
+    assert mse_range(v, lo, hi)[1] == pytest.approx(hi)  # nothing is gained by clipping harder
+
+
 @pytest.mark.parametrize("method, rule", [("minmax", None), ("mse", -1.0), ("percentile:99.99", 99.99), ("percentile:100", 100.0)])
 def test_range_methods_parse_to_their_rule(method: str, rule: float | None) -> None:
     assert range_rule(method) == rule

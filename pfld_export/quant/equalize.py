@@ -99,7 +99,7 @@ class EqualizeResult:
 
     model: LandmarkModel
     tensors: list[ScaledTensor] = field(default_factory=list)
-    float_max_diff_px: float = 0.0  # landmark change of the float model on the calibration crops
+    float_max_diff_px: float = 0.0  # landmark change of the float model on the first CHECK_CROPS calibration crops
 
 
 @dataclass
@@ -108,7 +108,7 @@ class BiasCorrection:
 
     model: LandmarkModel
     layers: dict[str, float] = field(default_factory=dict)  # layer -> max |correction|
-    float_max_diff_px: float = 0.0  # how far the corrected float model moved (intended)
+    float_max_diff_px: float = 0.0  # how far the corrected float model moved (intended; first CHECK_CROPS crops)
 
 
 # A scaling site: which tensor (hooked module), how to scale its channels, how readers absorb it.
